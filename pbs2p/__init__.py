@@ -1,0 +1,27 @@
+"""pbs2p: 1-bit weights with N:M semi-structured sparsity (PBS²P) for PyTorch, packed and fast.
+
+>>> import torch
+>>> from torchao.quantization import quantize_
+>>> from pbs2p import PBS2P
+>>> model = torch.nn.Sequential(torch.nn.Linear(64, 64))
+>>> quantize_(model, PBS2P(n=4, m=8))
+>>> model[0].weight.nm()
+(4, 8)
+"""
+
+from . import interop
+from .config import PBS2P
+from .quantize import ConversionReport, conversion_report, quantize_
+from .tensor import BinarySparseTensor
+
+interop.register()
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PBS2P",
+    "BinarySparseTensor",
+    "ConversionReport",
+    "conversion_report",
+    "quantize_",
+]

@@ -1,0 +1,87 @@
+"""``PBS2P``: the configuration object that ``torchao.quantization.quantize_`` applies to a model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torchao.core.config import AOBaseConfig
+
+from .kernels.packing import check_nm
+
+STEPS = (None, "observe", "convert")
+METHODS = ("spbo", "oneshot")
+COMPENSATIONS = ("column", "block", "block-diag", "none")
+
+
+@dataclass
+class PBS2P(AOBaseConfig):
+    """1-bit weights with N:M semi-structured sparsity (PBS²P) for every eligible ``nn.Linear``.
+
+    Each group of ``m`` consecutive inputs of a weight row keeps ``n`` weights; kept weights become
+    ``alpha * (+-1) + mu`` with per-row (or per-row-per-``scale_block``) ``alpha`` and ``mu``.
+    The weight is replaced by a packed :class:`~pbs2p.BinarySparseTensor`; the module stays an
+    ``nn.Linear``.
+
+    Args:
+        n: weights kept per group (``1 <= n < m``).
+        m: group size (4, 8 or 16).
+        method: ``"spbo"`` (progressive pruning with binarization refits, the paper's SPBO) or
+            ``"oneshot"`` (prune to N:M once, then binarize; the ablation).
+        spbo_steps: number of progressive pruning steps tau; ``None`` means ``m - n`` (one weight
+            per group per step).
+        refine_rounds: alternating refinement rounds of the binarizer (alpha, mu, signs).
+        scale_block: columns sharing one ``(alpha, mu)`` pair; ``None`` means one pair per row.
+        block_size: columns per block of second-order error compensation (calibrated mode).
+        compensation: ``"within"`` (column by column inside a block, GPTQ-style), ``"block"``
+            (only onto later blocks, BiLLM-style) or ``"none"`` (calibrated mode).
+        damp: Hessian damping, as a fraction of the mean of its diagonal (calibrated mode).
+        step: ``None`` converts now without data (H = I); ``"observe"`` attaches input observers,
+            and a later ``"convert"`` compresses with the Hessians they collected.
+        seed: seed of any random choice, for bit-identical results.
+
+    Example:
+        >>> import torch
+        >>> from torchao.quantization import quantize_
+        >>> from pbs2p import PBS2P, BinarySparseTensor
+        >>> model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+        >>> quantize_(model, PBS2P(n=4, m=8))
+        >>> isinstance(model[0].weight, BinarySparseTensor), model[0].weight.nm()
+        (True, (4, 8))
+        >>> model(torch.randn(2, 64)).shape
+        torch.Size([2, 8])
+    """
+
+    n: int = 4
+    m: int = 8
+    method: str = "spbo"
+    spbo_steps: int | None = None
+    refine_rounds: int = 3
+    scale_block: int | None = None
+    block_size: int = 128
+    compensation: str = "column"
+    damp: float = 0.01
+    step: str | None = None
+    seed: int = 0
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        check_nm(self.n, self.m)
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.spbo_steps is not None and not 1 <= self.spbo_steps <= self.m - self.n:
+            raise ValueError(
+                f"spbo_steps must be between 1 and M - N = {self.m - self.n} for {self.n}:{self.m}, "
+                f"got {self.spbo_steps}"
+            )
+        if self.refine_rounds < 0:
+            raise ValueError(f"refine_rounds must be >= 0, got {self.refine_rounds}")
+        for name in ("scale_block", "block_size"):
+            value = getattr(self, name)
+            if value is not None and (value <= 0 or value % self.m):
+                raise ValueError(f"{name} must be a positive multiple of M = {self.m}, got {value}")
+        if self.compensation not in COMPENSATIONS:
+            raise ValueError(f"compensation must be one of {COMPENSATIONS}, got {self.compensation!r}")
+        if not self.damp > 0:
+            raise ValueError(f"damp must be > 0, got {self.damp}")
+        if self.step not in STEPS:
+            raise ValueError(f"step must be one of {STEPS}, got {self.step!r}")

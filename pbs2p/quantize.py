@@ -1,0 +1,224 @@
+"""The ``quantize_`` handler of :class:`~pbs2p.PBS2P`, and what was converted or skipped and why."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import types
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torchao.quantization import quantize_ as _torchao_quantize_
+from torchao.quantization.quant_api import _is_linear
+from torchao.quantization.transform_module import register_quantize_module_handler
+
+from .algorithms import compress_weight
+from .config import PBS2P
+from .observe import attach_observer, pop_hessian
+from .tensor import BinarySparseTensor
+
+log = logging.getLogger("pbs2p")
+
+FilterFn = Callable[[torch.nn.Module, str], bool]
+
+
+def skip_reason(module: torch.nn.Module, config: PBS2P, parameter_name: str = "weight") -> str | None:
+    """Why ``module`` cannot be converted with ``config`` (``None`` if it can)."""
+    weight = getattr(module, parameter_name, None)
+    if isinstance(weight, BinarySparseTensor):
+        return "already converted"
+    if not isinstance(weight, torch.Tensor):
+        return f"has no tensor '{parameter_name}'"
+    if weight.dim() != 2:
+        return f"weight is {weight.dim()}-D, not 2-D"
+    if not weight.dtype.is_floating_point:
+        return f"weight dtype {weight.dtype} is not floating point"
+    if weight.shape[1] % config.m:
+        return f"in_features = {weight.shape[1]} is not a multiple of M = {config.m}"
+    if weight.device.type == "meta":
+        return "weight is on the meta device (no values to compress)"
+    return None
+
+
+def check_finite(name: str, weight: torch.Tensor) -> None:
+    """Raise ``ValueError`` naming the module if its weight holds NaN or Inf."""
+    bad = ~torch.isfinite(weight)
+    if bool(bad.any()):
+        raise ValueError(
+            f"module '{name}' has {int(bad.sum())} NaN/Inf values in its weight; "
+            "refusing to convert (the model was left unchanged)"
+        )
+
+
+@dataclass
+class ConversionReport:
+    """Which linears hold a :class:`~pbs2p.BinarySparseTensor`, which were skipped and why.
+
+    Example:
+        >>> import torch
+        >>> from pbs2p import PBS2P, conversion_report, quantize_
+        >>> model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 5), torch.nn.Linear(5, 3))
+        >>> report = quantize_(model, PBS2P(n=4, m=8))
+        >>> [name for name, _ in report.converted], report.skipped
+        (['0', '1'], [('2', 'in_features = 5 is not a multiple of M = 8')])
+    """
+
+    converted: list[tuple[str, BinarySparseTensor]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def packed_nbytes(self) -> int:
+        """Bytes stored by all converted weights."""
+        return sum(w.packed_nbytes() for _, w in self.converted)
+
+    @property
+    def num_weights(self) -> int:
+        """Number of weights of all converted linears."""
+        return sum(w.numel() for _, w in self.converted)
+
+    def bits_per_weight(self) -> float:
+        """Every stored bit of the converted weights over their number of weights."""
+        return 8 * self.packed_nbytes / max(self.num_weights, 1)
+
+    def __str__(self) -> str:
+        lines = [f"{len(self.converted)} linear(s) converted, {len(self.skipped)} skipped"]
+        for name, w in self.converted:
+            lines.append(f"  converted {name}: {tuple(w.shape)} {w.n}:{w.m}, {w.bits_per_weight():.3f} bits/weight")
+        lines += [f"  skipped   {name}: {reason}" for name, reason in self.skipped]
+        if self.converted:
+            lines.append(f"  total: {self.packed_nbytes / 2**20:.2f} MiB, {self.bits_per_weight():.3f} bits/weight")
+        return "\n".join(lines)
+
+
+def conversion_report(
+    model: torch.nn.Module, config: PBS2P | None = None, filter_fn: FilterFn | None = None
+) -> ConversionReport:
+    """Report every linear of ``model`` as converted, or skipped with the reason."""
+    config = config or PBS2P()
+    report = ConversionReport()
+    for name, module in _candidates(model, filter_fn or _is_linear):
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, BinarySparseTensor):
+            report.converted.append((name, weight))
+        else:
+            report.skipped.append((name, skip_reason(module, config) or "not converted"))
+    return report
+
+
+def quantize_(model: torch.nn.Module, config: PBS2P, filter_fn: FilterFn | None = None) -> ConversionReport:
+    """Convert ``model`` in place like ``torchao.quantization.quantize_``, and report what happened.
+
+    Refuses (and leaves the model unchanged) when no linear can be converted or a weight holds
+    NaN/Inf. Skipped linears are listed with the reason in the returned report.
+    """
+    if not isinstance(config, PBS2P):
+        raise TypeError(f"config must be a PBS2P, got {type(config).__name__}")
+    filter_fn = filter_fn or _is_linear
+    candidates = list(_candidates(model, filter_fn))
+    if config.step != "convert" and not any(skip_reason(mod, config) is None for _, mod in candidates):
+        raise ValueError(
+            f"no linear of this {type(model).__name__} can be converted with {config.n}:{config.m} "
+            f"({len(candidates)} linear(s) found, none eligible); the model was left unchanged"
+        )
+    _torchao_quantize_(model, config, filter_fn=filter_fn)
+    return conversion_report(model, config, filter_fn)
+
+
+def _candidates(model: torch.nn.Module, filter_fn: FilterFn) -> Iterator[tuple[str, torch.nn.Module]]:
+    """Modules ``quantize_`` hands to the handler, in its order (it does not descend into a match)."""
+
+    def walk(module: torch.nn.Module, name: str) -> Iterator[tuple[str, torch.nn.Module]]:
+        if filter_fn(module, name):
+            yield name, module
+            return
+        for child_name, child in module.named_children():
+            yield from walk(child, f"{name}.{child_name}" if name else child_name)
+
+    yield from walk(model, "")
+
+
+def _torchao_call() -> tuple[torch.nn.Module | None, FilterFn | None, str | None]:
+    """The root model, filter and current module name of the running ``torchao`` ``quantize_`` call.
+
+    torchao passes the handler only the module. Its caller frames hold the module's name and the root
+    model; reading them lets a refusal name the module and happen before any module is changed.
+    Returns ``(None, None, None)`` when the handler is called some other way.
+    """
+    name = None
+    frame = sys._getframe(2)
+    while frame is not None:
+        code = frame.f_code
+        if name is None and code.co_name == "_replace_with_custom_fn_if_matches_filter":
+            name = frame.f_locals.get("cur_fqn", "")[:-1]
+        if code.co_name == "quantize_" and "torchao" in code.co_filename:
+            return frame.f_locals.get("model"), frame.f_locals.get("filter_fn"), name
+        frame = frame.f_back
+    return None, None, name
+
+
+def _validate_model_once(module: torch.nn.Module, config: PBS2P) -> str:
+    """On the first module of a ``quantize_`` call, check every module it will touch; return the name."""
+    root, filter_fn, name = _torchao_call()
+    if root is None or filter_fn is None:
+        return name or type(module).__name__
+    candidates = list(_candidates(root, filter_fn))
+    if candidates and candidates[0][1] is module:
+        for cand_name, cand in candidates:
+            label = cand_name or type(cand).__name__
+            observer = getattr(cand, "_pbs2p_observer", None)
+            if config.step == "convert" and observer is not None and observer.tokens == 0:
+                raise ValueError(
+                    f"module '{label}' saw no calibration input between step='observe' and step='convert'; "
+                    "refusing to convert (the model was left unchanged)"
+                )
+            if skip_reason(cand, config) is None and config.step != "observe":
+                check_finite(label, cand.weight)
+    return name or type(module).__name__
+
+
+@register_quantize_module_handler(PBS2P)
+def _pbs2p_transform(module: torch.nn.Module, config: PBS2P, *, parameter_name: str = "weight") -> torch.nn.Module:
+    name = _validate_model_once(module, config)
+    if config.step == "convert" and getattr(module, "_pbs2p_observer", None) is None:
+        log.info("skipped %s: no observer attached (run quantize_ with step='observe' first)", name)
+        return module
+    reason = skip_reason(module, config, parameter_name)
+    if reason is not None:
+        log.info("skipped %s: %s", name, reason)
+        return module
+    if config.step == "observe":
+        attach_observer(module)
+        return module
+    weight = getattr(module, parameter_name)
+    check_finite(name, weight)
+    hessian = pop_hessian(module) if config.step == "convert" else None
+    result = compress_weight(
+        weight.detach(),
+        hessian,
+        n=config.n,
+        m=config.m,
+        scale_block=config.scale_block,
+        method=config.method,
+        block_size=config.block_size,
+        compensation=config.compensation,
+        spbo_steps=config.spbo_steps,
+        refine_rounds=config.refine_rounds,
+        damp=config.damp,
+        seed=config.seed,
+    )
+    packed = BinarySparseTensor.from_parts(
+        result.mask, result.signs, result.alpha, result.mu,
+        n=config.n, m=config.m, scale_block=result.scale_block, dtype=weight.dtype,
+    )
+    setattr(module, parameter_name, torch.nn.Parameter(packed, requires_grad=False))
+    module.extra_repr = types.MethodType(_extra_repr(module.extra_repr, parameter_name), module)
+    log.debug("converted %s: %r", name, packed)
+    return module
+
+
+def _extra_repr(original: Callable[[], str], parameter_name: str) -> Callable[[torch.nn.Module], str]:
+    def extra_repr(self: torch.nn.Module) -> str:
+        return f"{original()}, {parameter_name}={getattr(self, parameter_name)!r}"
+
+    return extra_repr

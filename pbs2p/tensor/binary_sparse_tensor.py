@@ -1,0 +1,265 @@
+"""``BinarySparseTensor``: a linear weight stored as packed 1-bit N:M codes plus per-row scales."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import return_and_correct_aliasing
+from torchao.utils import TorchAOBaseTensor, fill_defaults
+
+from ..kernels import packing
+from ..kernels.ops import bsp_linear
+
+aten = torch.ops.aten
+
+__all__ = ["BinarySparseTensor"]
+
+
+class BinarySparseTensor(TorchAOBaseTensor):
+    """A ``[out_features, in_features]`` weight with 1-bit kept values and N:M sparsity, packed.
+
+    ``W_hat[r, c] = kept[r, c] * (alpha[r, b] * sign[r, c] + mu[r, b])`` with ``b = c // scale_block``.
+
+    Stored tensors (everything that is stored, and so everything :meth:`bits_per_weight` counts):
+
+    * ``qdata``: ``uint8 [ceil(out / 64), in / m, 8 * (idx_bits + n)]``, the kept set of every group
+      of ``m`` inputs as a combinatorial index (``ceil(log2 C(m, n))`` bits) and the signs of its
+      ``n`` kept weights, for tiles of 64 rows (layout: :mod:`pbs2p.kernels.packing`);
+    * ``scale`` (alpha) and ``zero_point`` (mu): ``[out, ceil(in / scale_block)]`` in the tensor's
+      dtype; also readable as :attr:`alpha` and :attr:`mu`. (The torchao names let torchao's and
+      transformers' safetensors code find the inner tensors.)
+
+    The tensor's dtype is the dtype of its scales and of the computation: ``model.to(torch.bfloat16)``
+    converts the scales and makes the linear compute in bf16. ``F.linear`` runs on the packed codes
+    (the native CPU kernel where it is built, else the plain-torch path).
+
+    Example:
+        >>> import torch
+        >>> from pbs2p import BinarySparseTensor
+        >>> w = torch.randn(128, 64)
+        >>> q = BinarySparseTensor.from_float(w, n=4, m=8)
+        >>> q.shape, q.nm(), round(q.bits_per_weight(), 3)
+        (torch.Size([128, 64]), (4, 8), 2.375)
+        >>> int((q.dequantize().reshape(128, 8, 8) != 0).sum(-1).unique())
+        4
+    """
+
+    tensor_data_names = ["qdata", "scale", "zero_point"]
+    tensor_attribute_names = ["n", "m", "scale_block", "format_version"]
+    optional_tensor_attribute_names = ["transposed"]
+
+    def __new__(cls, qdata, scale, zero_point, n, m, scale_block, format_version, transposed=False):
+        shape = (scale.shape[0], qdata.shape[1] * m)
+        if transposed:
+            shape = shape[::-1]
+        return torch.Tensor._make_wrapper_subclass(
+            cls, shape, dtype=scale.dtype, device=qdata.device, requires_grad=False
+        )
+
+    def __init__(self, qdata, scale, zero_point, n, m, scale_block, format_version, transposed=False):
+        _check_format(format_version)
+        self.qdata = qdata
+        self.scale = scale
+        self.zero_point = zero_point
+        self.n = n
+        self.m = m
+        self.scale_block = scale_block
+        self.format_version = format_version
+        self.transposed = bool(transposed)
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_parts(
+        cls,
+        mask: torch.Tensor,
+        signs: torch.Tensor,
+        alpha: torch.Tensor,
+        mu: torch.Tensor,
+        *,
+        n: int,
+        m: int,
+        scale_block: int | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> BinarySparseTensor:
+        """Pack a bool N:M ``mask``, the bool ``signs`` (True = +1) of the kept weights and the scales.
+
+        ``alpha`` and ``mu`` are ``[out, n_blocks]`` (or ``[out]`` for one pair per row); ``dtype``
+        defaults to ``alpha``'s.
+        """
+        out, k = mask.shape
+        scale_block = k if scale_block is None else scale_block
+        n_blocks = -(-k // scale_block)
+        if alpha.numel() != out * n_blocks or mu.numel() != out * n_blocks:
+            raise ValueError(
+                f"alpha and mu must be [{out}, {n_blocks}] for scale_block={scale_block}, "
+                f"got {tuple(alpha.shape)} and {tuple(mu.shape)}"
+            )
+        alpha, mu = alpha.reshape(out, n_blocks), mu.reshape(out, n_blocks)
+        if scale_block % m:
+            raise ValueError(f"scale_block = {scale_block} is not a multiple of M = {m}")
+        dtype = dtype or alpha.dtype
+        codes = packing.pack(mask, signs, n, m)
+        return cls(codes, alpha.to(dtype), mu.to(dtype), n, m, scale_block, packing.FORMAT_VERSION)
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, *, n: int = 4, m: int = 8, **options) -> BinarySparseTensor:
+        """Compress a float weight without data (H = I); ``options`` go to
+        :func:`pbs2p.algorithms.compress_weight` (e.g. ``method``, ``refine_rounds``, ``scale_block``)."""
+        from ..algorithms import compress_weight
+
+        result = compress_weight(weight.detach(), None, n=n, m=m, **options)
+        return cls.from_parts(
+            result.mask, result.signs, result.alpha, result.mu,
+            n=n, m=m, scale_block=result.scale_block, dtype=weight.dtype,
+        )
+
+    # ----------------------------------------------------------------- inspection
+    @property
+    def alpha(self) -> torch.Tensor:
+        """Per-row (per-block) magnitude of the kept weights (stored as ``scale``)."""
+        return self.scale
+
+    @property
+    def mu(self) -> torch.Tensor:
+        """Per-row (per-block) shift of the kept weights (stored as ``zero_point``)."""
+        return self.zero_point
+
+    def nm(self) -> tuple[int, int]:
+        """The sparsity pattern ``(n, m)``: ``n`` of every ``m`` consecutive inputs are kept."""
+        return self.n, self.m
+
+    def packed_nbytes(self) -> int:
+        """Bytes of everything stored: codes (tile padding included) and scales."""
+        return sum(t.numel() * t.element_size() for t in (self.qdata, self.scale, self.zero_point))
+
+    def bits_per_weight(self) -> float:
+        """Every stored bit (signs, kept-set indices, tile padding, scales) over the number of weights."""
+        return 8 * self.packed_nbytes() / self.numel()
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense weight this tensor represents (zeros where pruned)."""
+        w = packing.dequantize(self.qdata, self.scale, self.zero_point, self.n, self.m, self.scale_block, dtype)
+        return w.t() if self.transposed else w
+
+    def unpack(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bool N:M ``mask`` and ``signs`` (True = +1 where kept), ``[out, in]`` each."""
+        return packing.unpack(self.qdata, self.n, self.m, self.scale.shape[0])
+
+    def _stable_hash_for_caching(self) -> str:
+        """Key for torch.compile's caches: everything the compiled code depends on, not the values."""
+        inner = ",".join(f"{tuple(t.shape)}:{t.dtype}" for t in (self.qdata, self.scale, self.zero_point))
+        return f"BinarySparseTensor/v{self.format_version}/{self.n}:{self.m}/{self.scale_block}/{self.transposed}/{inner}"
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.n}:{self.m}, shape={tuple(self.shape)}, dtype={self.dtype}, "
+            f"scale_block={self.scale_block}, bits_per_weight={self.bits_per_weight():.3f}"
+            f"{', transposed' if self.transposed else ''})"
+        )
+
+
+def _check_format(version: int) -> None:
+    if version != packing.FORMAT_VERSION:
+        raise ValueError(
+            f"this BinarySparseTensor was written in packed format version {version}; this pbs2p reads "
+            f"version {packing.FORMAT_VERSION} only. Re-compress the model with this pbs2p version."
+        )
+
+
+def _setstate(self: BinarySparseTensor, state: dict) -> None:
+    """Unpickling (``torch.load``): refuse incompatible formats before the tensor can be used."""
+    torch._utils._set_obj_state(self, state)
+    _check_format(getattr(self, "format_version", None))
+    if "transposed" not in self.__dict__:
+        self.transposed = False
+
+
+# TorchAOBaseTensor.__init_subclass__ installs its own __setstate__; ours adds the format check.
+BinarySparseTensor.__setstate__ = _setstate
+
+implements = BinarySparseTensor.implements
+implements_torch_function = BinarySparseTensor.implements_torch_function
+
+
+def _linear(x: torch.Tensor, w: BinarySparseTensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if w.transposed:
+        raise ValueError("F.linear needs the weight as [out, in]; got a transposed BinarySparseTensor")
+    if x.shape[-1] != w.shape[1]:
+        raise ValueError(f"input has {x.shape[-1]} features, the weight expects {w.shape[1]}")
+    return bsp_linear(x, w.qdata, w.scale, w.zero_point, bias, w.n, w.m, w.scale_block)
+
+
+@implements_torch_function(F.linear)
+@implements(aten.linear.default)
+def _(func, types, args, kwargs):
+    x, w, bias = fill_defaults(args, 3, [None])
+    return _linear(x, w, bias)
+
+
+@implements(aten.t.default)
+def _(func, types, args, kwargs):
+    w = args[0]
+    out = BinarySparseTensor(
+        w.qdata, w.scale, w.zero_point, w.n, w.m, w.scale_block, w.format_version, not w.transposed
+    )
+    return return_and_correct_aliasing(func, args, kwargs, out)
+
+
+@implements(aten.mm.default)
+def _(func, types, args, kwargs):
+    x, wt = args
+    return _linear(x, _untransposed(wt), None)
+
+
+@implements(aten.addmm.default)
+def _(func, types, args, kwargs):
+    bias, x, wt = args[:3]
+    beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
+    if beta != 1 or alpha != 1:
+        raise NotImplementedError("BinarySparseTensor supports addmm only with beta = alpha = 1")
+    return _linear(x, _untransposed(wt), bias)
+
+
+def _untransposed(wt: BinarySparseTensor) -> BinarySparseTensor:
+    if not isinstance(wt, BinarySparseTensor) or not wt.transposed:
+        raise NotImplementedError("BinarySparseTensor supports x @ W.t() only (the weight as right operand)")
+    return BinarySparseTensor(wt.qdata, wt.scale, wt.zero_point, wt.n, wt.m, wt.scale_block, wt.format_version)
+
+
+@implements([aten._to_copy.default, aten.to.dtype_layout])
+def _(func, types, args, kwargs):
+    w = args[0]
+    kwargs = w._get_to_kwargs(*args[1:], **kwargs)
+    device, dtype = kwargs["device"], kwargs["dtype"]
+    if not dtype.is_floating_point:
+        raise TypeError(f"a BinarySparseTensor cannot become {dtype}; its dtype is the float dtype of its scales")
+    out = BinarySparseTensor(
+        w.qdata.to(device),
+        w.scale.to(device=device, dtype=dtype),
+        w.zero_point.to(device=device, dtype=dtype),
+        w.n, w.m, w.scale_block, w.format_version, w.transposed,
+    )
+    return return_and_correct_aliasing(func, args, {}, out)
+
+
+@implements(aten.slice.Tensor)
+def _(func, types, args, kwargs):
+    w, dim, start, end, step = fill_defaults(args, 5, [0, None, None, 1])
+    if w.transposed:
+        raise NotImplementedError("slicing a transposed BinarySparseTensor is not supported")
+    if dim != 0 or step != 1:
+        raise NotImplementedError("BinarySparseTensor can be sliced on the output dimension (dim 0, step 1) only")
+    rows = w.shape[0]
+    start, end = slice(start, end).indices(rows)[:2]
+    end = max(start, end)
+    alpha, mu = w.scale[start:end], w.zero_point[start:end]
+    tile = packing.TILE_ROWS
+    if start % tile == 0 and (end % tile == 0 or end == rows):
+        codes = w.qdata[start // tile : -(-end // tile)]
+        out = BinarySparseTensor(codes, alpha, mu, w.n, w.m, w.scale_block, w.format_version)
+    else:  # not tile-aligned: repack the rows
+        mask, signs = w.unpack()
+        out = BinarySparseTensor.from_parts(
+            mask[start:end], signs[start:end], alpha, mu, n=w.n, m=w.m, scale_block=w.scale_block
+        )
+    return return_and_correct_aliasing(func, args, kwargs, out)
