@@ -11,6 +11,7 @@
 
 from . import interop
 from .config import PBS2P
+from .pipeline import CalibrationResult, calibrate
 from .quantize import ConversionReport, conversion_report, quantize_
 from .tensor import BinarySparseTensor
 
@@ -21,6 +22,8 @@ __version__ = "0.1.0"
 __all__ = [
     "PBS2P",
     "BinarySparseTensor",
+    "CalibrationResult",
+    "calibrate",
     "ConversionReport",
     "conversion_report",
     "quantize_",

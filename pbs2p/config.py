@@ -6,11 +6,10 @@ from dataclasses import dataclass
 
 from torchao.core.config import AOBaseConfig
 
+from .algorithms.compensation import COMPENSATIONS, METHODS
 from .kernels.packing import check_nm
 
 STEPS = (None, "observe", "convert")
-METHODS = ("spbo", "oneshot")
-COMPENSATIONS = ("column", "block", "block-diag", "none")
 
 
 @dataclass
@@ -32,9 +31,15 @@ class PBS2P(AOBaseConfig):
         refine_rounds: alternating refinement rounds of the binarizer (alpha, mu, signs).
         scale_block: columns sharing one ``(alpha, mu)`` pair; ``None`` means one pair per row.
         block_size: columns per block of second-order error compensation (calibrated mode).
-        compensation: ``"within"`` (column by column inside a block, GPTQ-style), ``"block"``
-            (only onto later blocks, BiLLM-style) or ``"none"`` (calibrated mode).
+        compensation: ``"column"`` (column by column inside a block, GPTQ/SparseGPT-style),
+            ``"block"`` (exact block-wise OBS update onto later blocks), ``"block-diag"`` (BiLLM's
+            block-only update) or ``"none"`` (calibrated mode).
         damp: Hessian damping, as a fraction of the mean of its diagonal (calibrated mode).
+        cfs: coarse-to-fine search in :func:`pbs2p.calibrate`: each decoder block gets its own N from
+            the cosine similarity of its input and output (redundant blocks keep fewer weights), with
+            the average kept fraction exactly ``n / m``; ``False`` keeps ``n`` everywhere.
+        n_low, n_high: bounds of a block's N under CFS (default ``n - 1`` and ``n + 1``, within
+            ``[1, m - 1]``).
         step: ``None`` converts now without data (H = I); ``"observe"`` attaches input observers,
             and a later ``"convert"`` compresses with the Hessians they collected.
         seed: seed of any random choice, for bit-identical results.
@@ -60,6 +65,9 @@ class PBS2P(AOBaseConfig):
     block_size: int = 128
     compensation: str = "column"
     damp: float = 0.01
+    cfs: bool = True
+    n_low: int | None = None
+    n_high: int | None = None
     step: str | None = None
     seed: int = 0
     version: int = 1
@@ -83,5 +91,14 @@ class PBS2P(AOBaseConfig):
             raise ValueError(f"compensation must be one of {COMPENSATIONS}, got {self.compensation!r}")
         if not self.damp > 0:
             raise ValueError(f"damp must be > 0, got {self.damp}")
+        low, high = self.n_bounds()
+        if not 1 <= low <= self.n <= high <= self.m - 1:
+            raise ValueError(f"need 1 <= n_low <= n <= n_high <= m - 1, got n_low={low}, n={self.n}, n_high={high}")
         if self.step not in STEPS:
             raise ValueError(f"step must be one of {STEPS}, got {self.step!r}")
+
+    def n_bounds(self) -> tuple[int, int]:
+        """``(n_low, n_high)`` with the defaults filled in."""
+        low = max(1, self.n - 1) if self.n_low is None else self.n_low
+        high = min(self.m - 1, self.n + 1) if self.n_high is None else self.n_high
+        return low, high

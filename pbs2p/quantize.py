@@ -15,7 +15,7 @@ from torchao.quantization.transform_module import register_quantize_module_handl
 
 from .algorithms import compress_weight
 from .config import PBS2P
-from .observe import attach_observer, pop_hessian
+from .observe import attach_observer, observed_tokens, pop_hessian
 from .tensor import BinarySparseTensor
 
 log = logging.getLogger("pbs2p")
@@ -166,8 +166,7 @@ def _validate_model_once(module: torch.nn.Module, config: PBS2P) -> str:
     if candidates and candidates[0][1] is module:
         for cand_name, cand in candidates:
             label = cand_name or type(cand).__name__
-            observer = getattr(cand, "_pbs2p_observer", None)
-            if config.step == "convert" and observer is not None and observer.tokens == 0:
+            if config.step == "convert" and observed_tokens(cand) == 0:
                 raise ValueError(
                     f"module '{label}' saw no calibration input between step='observe' and step='convert'; "
                     "refusing to convert (the model was left unchanged)"
@@ -193,28 +192,36 @@ def _pbs2p_transform(module: torch.nn.Module, config: PBS2P, *, parameter_name: 
     weight = getattr(module, parameter_name)
     check_finite(name, weight)
     hessian = pop_hessian(module) if config.step == "convert" else None
+    packed = compress_to_tensor(weight, config, hessian)
+    setattr(module, parameter_name, torch.nn.Parameter(packed, requires_grad=False))
+    module.extra_repr = types.MethodType(_extra_repr(module.extra_repr, parameter_name), module)
+    log.debug("converted %s: %r", name, packed)
+    return module
+
+
+def compress_to_tensor(
+    weight: torch.Tensor, config: PBS2P, hessian: torch.Tensor | None = None, n: int | None = None
+) -> BinarySparseTensor:
+    """Compress one weight with ``config`` (``n`` overrides ``config.n``, e.g. CFS's per-layer N)."""
+    n = config.n if n is None else n
     result = compress_weight(
         weight.detach(),
         hessian,
-        n=config.n,
+        n=n,
         m=config.m,
         scale_block=config.scale_block,
         method=config.method,
         block_size=config.block_size,
         compensation=config.compensation,
-        spbo_steps=config.spbo_steps,
+        spbo_steps=None if n != config.n else config.spbo_steps,
         refine_rounds=config.refine_rounds,
         damp=config.damp,
         seed=config.seed,
     )
-    packed = BinarySparseTensor.from_parts(
+    return BinarySparseTensor.from_parts(
         result.mask, result.signs, result.alpha, result.mu,
-        n=config.n, m=config.m, scale_block=result.scale_block, dtype=weight.dtype,
+        n=n, m=config.m, scale_block=result.scale_block, dtype=weight.dtype,
     )
-    setattr(module, parameter_name, torch.nn.Parameter(packed, requires_grad=False))
-    module.extra_repr = types.MethodType(_extra_repr(module.extra_repr, parameter_name), module)
-    log.debug("converted %s: %r", name, packed)
-    return module
 
 
 def _extra_repr(original: Callable[[], str], parameter_name: str) -> Callable[[torch.nn.Module], str]:

@@ -37,6 +37,11 @@ def mlp(seed: int = 0) -> torch.nn.Module:
     ).eval()
 
 
+def snapshot_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every tensor in the state dict (to check that a refusal changed nothing)."""
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
 @pytest.fixture
 def llama() -> torch.nn.Module:
     return tiny_llama()

@@ -58,6 +58,7 @@ class BinarySparseTensor(TorchAOBaseTensor):
 
     def __init__(self, qdata, scale, zero_point, n, m, scale_block, format_version, transposed=False):
         _check_format(format_version)
+        _check_consistent(qdata, scale, zero_point, n, m, scale_block)
         self.qdata = qdata
         self.scale = scale
         self.zero_point = zero_point
@@ -164,6 +165,28 @@ def _check_format(version: int) -> None:
             f"this BinarySparseTensor was written in packed format version {version}; this pbs2p reads "
             f"version {packing.FORMAT_VERSION} only. Re-compress the model with this pbs2p version."
         )
+
+
+def _check_consistent(qdata, scale, zero_point, n, m, scale_block) -> None:
+    """Refuse inner tensors that do not fit together (a tampered or truncated checkpoint)."""
+    packing.check_nm(n, m)
+    out = scale.shape[0] if scale.dim() == 2 else -1
+    k = qdata.shape[1] * m if qdata.dim() == 3 else -1
+    problems = []
+    if qdata.dtype != torch.uint8 or qdata.dim() != 3 or qdata.shape[2] != packing.nm_tables(n, m).block_bytes:
+        problems.append(f"qdata {qdata.dtype} {tuple(qdata.shape)} is not uint8 [tiles, groups, "
+                        f"{packing.nm_tables(n, m).block_bytes}]")
+    elif out >= 0 and qdata.shape[0] != packing.padded_rows(out) // packing.TILE_ROWS:
+        problems.append(f"qdata has {qdata.shape[0]} row tiles, {out} rows need {packing.padded_rows(out) // 64}")
+    if not (isinstance(scale_block, int) and scale_block > 0 and scale_block % m == 0):
+        problems.append(f"scale_block {scale_block!r} is not a positive multiple of {m}")
+    elif k >= 0 and (scale.shape != zero_point.shape or scale.shape[1:] != (-(-k // scale_block),)):
+        problems.append(f"scale {tuple(scale.shape)} / zero_point {tuple(zero_point.shape)} do not match "
+                        f"{k} inputs in blocks of {scale_block}")
+    if not (scale.dtype.is_floating_point and zero_point.dtype == scale.dtype):
+        problems.append(f"scale/zero_point dtypes {scale.dtype}/{zero_point.dtype} are not one float dtype")
+    if problems:
+        raise ValueError("inconsistent BinarySparseTensor (tampered or truncated?): " + "; ".join(problems))
 
 
 def _setstate(self: BinarySparseTensor, state: dict) -> None:
