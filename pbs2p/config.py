@@ -76,11 +76,8 @@ class PBS2P(AOBaseConfig):
         check_nm(self.n, self.m)
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.spbo_steps is not None and not 1 <= self.spbo_steps <= self.m - self.n:
-            raise ValueError(
-                f"spbo_steps must be between 1 and M - N = {self.m - self.n} for {self.n}:{self.m}, "
-                f"got {self.spbo_steps}"
-            )
+        if self.spbo_steps is not None and self.spbo_steps < 1:
+            raise ValueError(f"spbo_steps must be >= 1, got {self.spbo_steps}")
         if self.refine_rounds < 0:
             raise ValueError(f"refine_rounds must be >= 0, got {self.refine_rounds}")
         for name in ("scale_block", "block_size"):
