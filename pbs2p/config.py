@@ -90,7 +90,9 @@ class PBS2P(AOBaseConfig):
             raise ValueError(f"damp must be > 0, got {self.damp}")
         low, high = self.n_bounds()
         if not 1 <= low <= self.n <= high <= self.m - 1:
-            raise ValueError(f"need 1 <= n_low <= n <= n_high <= m - 1, got n_low={low}, n={self.n}, n_high={high}")
+            raise ValueError(
+                f"need 1 <= n_low <= n <= n_high <= m - 1, got n_low={low}, n={self.n}, n_high={high}"
+            )
         if self.step not in STEPS:
             raise ValueError(f"step must be one of {STEPS}, got {self.step!r}")
 

@@ -84,10 +84,14 @@ class ConversionReport:
     def __str__(self) -> str:
         lines = [f"{len(self.converted)} linear(s) converted, {len(self.skipped)} skipped"]
         for name, w in self.converted:
-            lines.append(f"  converted {name}: {tuple(w.shape)} {w.n}:{w.m}, {w.bits_per_weight():.3f} bits/weight")
+            lines.append(
+                f"  converted {name}: {tuple(w.shape)} {w.n}:{w.m}, {w.bits_per_weight():.3f} bits/weight"
+            )
         lines += [f"  skipped   {name}: {reason}" for name, reason in self.skipped]
         if self.converted:
-            lines.append(f"  total: {self.packed_nbytes / 2**20:.2f} MiB, {self.bits_per_weight():.3f} bits/weight")
+            lines.append(
+                f"  total: {self.packed_nbytes / 2**20:.2f} MiB, {self.bits_per_weight():.3f} bits/weight"
+            )
         return "\n".join(lines)
 
 
@@ -177,7 +181,9 @@ def _validate_model_once(module: torch.nn.Module, config: PBS2P) -> str:
 
 
 @register_quantize_module_handler(PBS2P)
-def _pbs2p_transform(module: torch.nn.Module, config: PBS2P, *, parameter_name: str = "weight") -> torch.nn.Module:
+def _pbs2p_transform(
+    module: torch.nn.Module, config: PBS2P, *, parameter_name: str = "weight"
+) -> torch.nn.Module:
     name = _validate_model_once(module, config)
     if config.step == "convert" and getattr(module, "_pbs2p_observer", None) is None:
         log.info("skipped %s: no observer attached (run quantize_ with step='observe' first)", name)
@@ -219,8 +225,14 @@ def compress_to_tensor(
         seed=config.seed,
     )
     return BinarySparseTensor.from_parts(
-        result.mask, result.signs, result.alpha, result.mu,
-        n=n, m=config.m, scale_block=result.scale_block, dtype=weight.dtype,
+        result.mask,
+        result.signs,
+        result.alpha,
+        result.mu,
+        n=n,
+        m=config.m,
+        scale_block=result.scale_block,
+        dtype=weight.dtype,
     )
 
 

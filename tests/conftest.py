@@ -22,8 +22,13 @@ def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Mo
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
     )
     return LlamaForCausalLM(config).to(dtype).eval()
 
@@ -32,8 +37,13 @@ def mlp(seed: int = 0) -> torch.nn.Module:
     """A random 4-layer MLP; the last linear (in 24) is not a multiple of 16."""
     torch.manual_seed(seed)
     return torch.nn.Sequential(
-        torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 96), torch.nn.GELU(),
-        torch.nn.Linear(96, 24), torch.nn.GELU(), torch.nn.Linear(24, 10),
+        torch.nn.Linear(64, 128),
+        torch.nn.GELU(),
+        torch.nn.Linear(128, 96),
+        torch.nn.GELU(),
+        torch.nn.Linear(96, 24),
+        torch.nn.GELU(),
+        torch.nn.Linear(24, 10),
     ).eval()
 
 

@@ -16,11 +16,26 @@ def tiny(model_type: str) -> torch.nn.Module:
 
     common = {"vocab_size": 128}
     kwargs = {
-        "qwen2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2),
-        "gemma3_text": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                            num_key_value_heads=2, head_dim=16, sliding_window=8, layer_types=None),
-        "opt": dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64),
+        "qwen2": dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        ),
+        "gemma3_text": dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=8,
+            layer_types=None,
+        ),
+        "opt": dict(
+            hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64
+        ),
         "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_inner=128),
     }[model_type]
     torch.manual_seed(0)
@@ -48,7 +63,9 @@ def test_families_convert_every_block_linear(model_type):
 
 def test_cfs_keeps_the_exact_average():
     model = tiny_llama()
-    result = pbs2p.calibrate(model, calibration(vocab=256), PBS2P(n=5, m=8, n_low=3, n_high=7), progress=False)
+    result = pbs2p.calibrate(
+        model, calibration(vocab=256), PBS2P(n=5, m=8, n_low=3, n_high=7), progress=False
+    )
     assert result.mean_kept_fraction() == 5 / 8
     for record in result.blocks:
         assert record.cosine is not None and 3 <= record.n <= 7

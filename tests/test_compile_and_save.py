@@ -49,7 +49,8 @@ def test_state_dict_round_trip_in_fresh_process(tmp_path):
             got = model.state_dict()[key]
             assert type(got) is type(value), key
             if isinstance(value, pbs2p.BinarySparseTensor):
-                assert all(torch.equal(getattr(got, a), getattr(value, a)) for a in ("qdata", "scale", "zero_point")), key
+                for attr in ("qdata", "scale", "zero_point"):
+                    assert torch.equal(getattr(got, attr), getattr(value, attr)), key
             else:
                 assert torch.equal(got, value), key
         with torch.no_grad():

@@ -20,7 +20,9 @@ def random_nm(out: int, k: int, n: int, m: int, seed: int) -> tuple[torch.Tensor
     return mask, signs
 
 
-@given(nm=st.sampled_from(ALL_NM), out=st.integers(1, 140), groups=st.integers(1, 9), seed=st.integers(0, 2**16))
+@given(
+    nm=st.sampled_from(ALL_NM), out=st.integers(1, 140), groups=st.integers(1, 9), seed=st.integers(0, 2**16)
+)
 def test_pack_unpack_round_trip(nm, out, groups, seed):
     n, m = nm
     mask, signs = random_nm(out, groups * m, n, m, seed)
@@ -31,7 +33,9 @@ def test_pack_unpack_round_trip(nm, out, groups, seed):
     assert codes.shape == (packing.padded_rows(out) // 64, groups, packing.nm_tables(n, m).block_bytes)
 
 
-@pytest.mark.parametrize(("n", "m", "bits"), [(2, 4, 5), (4, 8, 11), (5, 8, 11), (6, 8, 11), (8, 16, 22), (1, 4, 3)])
+@pytest.mark.parametrize(
+    ("n", "m", "bits"), [(2, 4, 5), (4, 8, 11), (5, 8, 11), (6, 8, 11), (8, 16, 22), (1, 4, 3)]
+)
 def test_group_bits_are_compact(n, m, bits):
     # ceil(log2 C(m, n)) index bits + n sign bits per group
     assert packing.nm_tables(n, m).group_bits == bits

@@ -40,7 +40,9 @@ def test_mlp_converts_every_eligible_linear(n, m):
         assert isinstance(mod.weight, BinarySparseTensor) == eligible, name
         if eligible:
             x = torch.randn(3, mod.in_features)
-            torch.testing.assert_close(mod(x), F.linear(x, mod.weight.dequantize(), mod.bias), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(
+                mod(x), F.linear(x, mod.weight.dequantize(), mod.bias), rtol=1e-5, atol=1e-5
+            )
     assert model(torch.randn(7, 64)).shape == (7, 10)
 
 

@@ -19,7 +19,12 @@ def weight(out: int, k: int, seed: int = 0, dtype: torch.dtype = torch.float32) 
     return torch.randn(out, k, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
-@given(nm=st.sampled_from(NM_PATTERNS), out=st.integers(1, 130), groups=st.integers(1, 12), seed=st.integers(0, 999))
+@given(
+    nm=st.sampled_from(NM_PATTERNS),
+    out=st.integers(1, 130),
+    groups=st.integers(1, 12),
+    seed=st.integers(0, 999),
+)
 def test_from_float_properties(nm, out, groups, seed):
     n, m = nm
     w = weight(out, groups * m, seed)
@@ -103,7 +108,9 @@ def test_transpose_and_mm():
     assert q.t().shape == (64, 32)
     torch.testing.assert_close(torch.mm(x, q.t()), x @ q.dequantize().T, rtol=1e-5, atol=1e-5)
     bias = torch.randn(32)
-    torch.testing.assert_close(torch.addmm(bias, x, q.t()), F.linear(x, q.dequantize(), bias), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        torch.addmm(bias, x, q.t()), F.linear(x, q.dequantize(), bias), rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize(("start", "end"), [(0, 64), (64, 100), (10, 20), (90, None)])

@@ -128,7 +128,9 @@ def pack(mask: torch.Tensor, signs: torch.Tensor, n: int, m: int) -> torch.Tenso
     """
     tables = nm_tables(n, m)
     if mask.dim() != 2 or mask.shape != signs.shape:
-        raise ValueError(f"mask and signs must be 2-D and alike, got {tuple(mask.shape)} and {tuple(signs.shape)}")
+        raise ValueError(
+            f"mask and signs must be 2-D and alike, got {tuple(mask.shape)} and {tuple(signs.shape)}"
+        )
     if mask.dtype != torch.bool or signs.dtype != torch.bool:
         raise TypeError(f"mask and signs must be bool tensors, got {mask.dtype} and {signs.dtype}")
     out, k = mask.shape
@@ -138,7 +140,9 @@ def pack(mask: torch.Tensor, signs: torch.Tensor, n: int, m: int) -> torch.Tenso
     counts = groups.sum(-1)
     if bool((counts != n).any()):
         bad = int((counts != n).nonzero()[0, 0])
-        raise ValueError(f"mask row {bad} has a group with {int(counts[bad].max())} kept weights, N = {n} required")
+        raise ValueError(
+            f"mask row {bad} has a group with {int(counts[bad].max())} kept weights, N = {n} required"
+        )
     col = torch.arange(m, device=mask.device)
     bitmask = (groups << col).sum(-1)
     idx = tables.rank_of_mask.to(mask.device)[bitmask]

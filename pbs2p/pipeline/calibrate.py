@@ -87,17 +87,27 @@ def calibrate(
     def compress(i: int, name: str, linear: torch.nn.Linear, hessian: torch.Tensor) -> torch.Tensor:
         return compress_to_tensor(linear.weight, config, hessian, n=ns[i])
 
-    records = runner.compress(targets, compress, ns=ns, cosines=cosines, progress=progress, desc="PBS²P blocks")
+    records = runner.compress(
+        targets, compress, ns=ns, cosines=cosines, progress=progress, desc="PBS²P blocks"
+    )
     for record in records:
-        log.info("block %d: N=%d, relative output errors %s", record.index, record.n,
-                 {k: round(v, 4) for k, v in record.errors.items()})
+        log.info(
+            "block %d: N=%d, relative output errors %s",
+            record.index,
+            record.n,
+            {k: round(v, 4) for k, v in record.errors.items()},
+        )
     report = conversion_report(model, config)
     outside = "outside the decoder blocks (kept in full precision)"
-    report.skipped = [(name, outside if reason == "not converted" else reason) for name, reason in report.skipped]
+    report.skipped = [
+        (name, outside if reason == "not converted" else reason) for name, reason in report.skipped
+    ]
     return CalibrationResult(report, records, time.perf_counter() - start, calibration.numel())
 
 
-def _allocate(config: PBS2P, targets: list[dict[str, torch.nn.Linear]], cosines: list[float] | None) -> list[int]:
+def _allocate(
+    config: PBS2P, targets: list[dict[str, torch.nn.Linear]], cosines: list[float] | None
+) -> list[int]:
     """CFS coarse: per-block N from the cosine similarities, exact weighted average (or ``n`` everywhere)."""
     if cosines is None:
         return [config.n] * len(targets)

@@ -51,7 +51,9 @@ class _BlockCall:
 def check_calibration(calibration: object) -> None:
     """Refuse anything but a non-empty integer ``[nsamples, seqlen]`` tensor of token ids."""
     if not (isinstance(calibration, torch.Tensor) and calibration.dim() == 2 and calibration.numel() > 0):
-        shape = tuple(calibration.shape) if isinstance(calibration, torch.Tensor) else type(calibration).__name__
+        shape = (
+            tuple(calibration.shape) if isinstance(calibration, torch.Tensor) else type(calibration).__name__
+        )
         raise ValueError(f"calibration must be a non-empty LongTensor [nsamples, seqlen], got {shape}")
     if calibration.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"calibration must hold token ids (int64), got {calibration.dtype}")
@@ -130,7 +132,10 @@ class SequentialRunner:
             taken += h.shape[0]
         for i in range(len(self.blocks)):
             y = self.run_block(i, x)
-            sims = [torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).mean() for a, b in zip(x, y)]
+            sims = [
+                torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).mean()
+                for a, b in zip(x, y, strict=True)
+            ]
             cosines.append(float(torch.stack(sims).mean()))
             x = y
         return cosines
@@ -152,7 +157,9 @@ class SequentialRunner:
                     for name, tensor in seen.items():
                         owner[name] = next((o for o in owner.values() if seen[o] is tensor), name)
                 for name in {owner[name] for name in seen}:
-                    acc = accumulators.setdefault(name, HessianAccumulator(linears[name].in_features, x.device))
+                    acc = accumulators.setdefault(
+                        name, HessianAccumulator(linears[name].in_features, x.device)
+                    )
                     acc.add(seen[name])
                 seen.clear()
         finally:
@@ -189,8 +196,13 @@ class SequentialRunner:
                 errors[name] = relative_output_error(lin.weight.float(), dense, H)
                 lin.weight = torch.nn.Parameter(weight, requires_grad=False)
             self.hidden = self.run_block(i, self.hidden)
-            record = BlockRecord(i, None if ns is None else ns[i], None if cosines is None else cosines[i], errors,
-                                 time.perf_counter() - t0)
+            record = BlockRecord(
+                i,
+                None if ns is None else ns[i],
+                None if cosines is None else cosines[i],
+                errors,
+                time.perf_counter() - t0,
+            )
             records.append(record)
             bar.set_postfix(worst_err=f"{max(errors.values(), default=0.0):.3f}")
         return records

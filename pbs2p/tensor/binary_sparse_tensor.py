@@ -110,8 +110,14 @@ class BinarySparseTensor(TorchAOBaseTensor):
 
         result = compress_weight(weight.detach(), None, n=n, m=m, **options)
         return cls.from_parts(
-            result.mask, result.signs, result.alpha, result.mu,
-            n=n, m=m, scale_block=result.scale_block, dtype=weight.dtype,
+            result.mask,
+            result.signs,
+            result.alpha,
+            result.mu,
+            n=n,
+            m=m,
+            scale_block=result.scale_block,
+            dtype=weight.dtype,
         )
 
     # ----------------------------------------------------------------- inspection
@@ -139,7 +145,9 @@ class BinarySparseTensor(TorchAOBaseTensor):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight this tensor represents (zeros where pruned)."""
-        w = packing.dequantize(self.qdata, self.scale, self.zero_point, self.n, self.m, self.scale_block, dtype)
+        w = packing.dequantize(
+            self.qdata, self.scale, self.zero_point, self.n, self.m, self.scale_block, dtype
+        )
         return w.t() if self.transposed else w
 
     def unpack(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,7 +157,8 @@ class BinarySparseTensor(TorchAOBaseTensor):
     def _stable_hash_for_caching(self) -> str:
         """Key for torch.compile's caches: everything the compiled code depends on, not the values."""
         inner = ",".join(f"{tuple(t.shape)}:{t.dtype}" for t in (self.qdata, self.scale, self.zero_point))
-        return f"BinarySparseTensor/v{self.format_version}/{self.n}:{self.m}/{self.scale_block}/{self.transposed}/{inner}"
+        layout = f"v{self.format_version}/{self.n}:{self.m}/{self.scale_block}/{self.transposed}"
+        return f"BinarySparseTensor/{layout}/{inner}"
 
     def __repr__(self) -> str:
         return (
@@ -173,16 +182,26 @@ def _check_consistent(qdata, scale, zero_point, n, m, scale_block) -> None:
     out = scale.shape[0] if scale.dim() == 2 else -1
     k = qdata.shape[1] * m if qdata.dim() == 3 else -1
     problems = []
-    if qdata.dtype != torch.uint8 or qdata.dim() != 3 or qdata.shape[2] != packing.nm_tables(n, m).block_bytes:
-        problems.append(f"qdata {qdata.dtype} {tuple(qdata.shape)} is not uint8 [tiles, groups, "
-                        f"{packing.nm_tables(n, m).block_bytes}]")
+    if (
+        qdata.dtype != torch.uint8
+        or qdata.dim() != 3
+        or qdata.shape[2] != packing.nm_tables(n, m).block_bytes
+    ):
+        problems.append(
+            f"qdata {qdata.dtype} {tuple(qdata.shape)} is not uint8 [tiles, groups, "
+            f"{packing.nm_tables(n, m).block_bytes}]"
+        )
     elif out >= 0 and qdata.shape[0] != packing.padded_rows(out) // packing.TILE_ROWS:
-        problems.append(f"qdata has {qdata.shape[0]} row tiles, {out} rows need {packing.padded_rows(out) // 64}")
+        problems.append(
+            f"qdata has {qdata.shape[0]} row tiles, {out} rows need {packing.padded_rows(out) // 64}"
+        )
     if not (isinstance(scale_block, int) and scale_block > 0 and scale_block % m == 0):
         problems.append(f"scale_block {scale_block!r} is not a positive multiple of {m}")
     elif k >= 0 and (scale.shape != zero_point.shape or scale.shape[1:] != (-(-k // scale_block),)):
-        problems.append(f"scale {tuple(scale.shape)} / zero_point {tuple(zero_point.shape)} do not match "
-                        f"{k} inputs in blocks of {scale_block}")
+        problems.append(
+            f"scale {tuple(scale.shape)} / zero_point {tuple(zero_point.shape)} do not match "
+            f"{k} inputs in blocks of {scale_block}"
+        )
     if not (scale.dtype.is_floating_point and zero_point.dtype == scale.dtype):
         problems.append(f"scale/zero_point dtypes {scale.dtype}/{zero_point.dtype} are not one float dtype")
     if problems:
@@ -246,7 +265,9 @@ def _(func, types, args, kwargs):
 def _untransposed(wt: BinarySparseTensor) -> BinarySparseTensor:
     if not isinstance(wt, BinarySparseTensor) or not wt.transposed:
         raise NotImplementedError("BinarySparseTensor supports x @ W.t() only (the weight as right operand)")
-    return BinarySparseTensor(wt.qdata, wt.scale, wt.zero_point, wt.n, wt.m, wt.scale_block, wt.format_version)
+    return BinarySparseTensor(
+        wt.qdata, wt.scale, wt.zero_point, wt.n, wt.m, wt.scale_block, wt.format_version
+    )
 
 
 @implements([aten._to_copy.default, aten.to.dtype_layout])
@@ -255,12 +276,18 @@ def _(func, types, args, kwargs):
     kwargs = w._get_to_kwargs(*args[1:], **kwargs)
     device, dtype = kwargs["device"], kwargs["dtype"]
     if not dtype.is_floating_point:
-        raise TypeError(f"a BinarySparseTensor cannot become {dtype}; its dtype is the float dtype of its scales")
+        raise TypeError(
+            f"a BinarySparseTensor cannot become {dtype}; its dtype is the float dtype of its scales"
+        )
     out = BinarySparseTensor(
         w.qdata.to(device),
         w.scale.to(device=device, dtype=dtype),
         w.zero_point.to(device=device, dtype=dtype),
-        w.n, w.m, w.scale_block, w.format_version, w.transposed,
+        w.n,
+        w.m,
+        w.scale_block,
+        w.format_version,
+        w.transposed,
     )
     return return_and_correct_aliasing(func, args, {}, out)
 
@@ -271,7 +298,9 @@ def _(func, types, args, kwargs):
     if w.transposed:
         raise NotImplementedError("slicing a transposed BinarySparseTensor is not supported")
     if dim != 0 or step != 1:
-        raise NotImplementedError("BinarySparseTensor can be sliced on the output dimension (dim 0, step 1) only")
+        raise NotImplementedError(
+            "BinarySparseTensor can be sliced on the output dimension (dim 0, step 1) only"
+        )
     rows = w.shape[0]
     start, end = slice(start, end).indices(rows)[:2]
     end = max(start, end)
