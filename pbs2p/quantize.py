@@ -84,14 +84,10 @@ class ConversionReport:
     def __str__(self) -> str:
         lines = [f"{len(self.converted)} linear(s) converted, {len(self.skipped)} skipped"]
         for name, w in self.converted:
-            lines.append(
-                f"  converted {name}: {tuple(w.shape)} {w.n}:{w.m}, {w.bits_per_weight():.3f} bits/weight"
-            )
+            lines.append(f"  converted {name}: {tuple(w.shape)} {w.n}:{w.m}, {w.bits_per_weight():.3f} bits/weight")
         lines += [f"  skipped   {name}: {reason}" for name, reason in self.skipped]
         if self.converted:
-            lines.append(
-                f"  total: {self.packed_nbytes / 2**20:.2f} MiB, {self.bits_per_weight():.3f} bits/weight"
-            )
+            lines.append(f"  total: {self.packed_nbytes / 2**20:.2f} MiB, {self.bits_per_weight():.3f} bits/weight")
         return "\n".join(lines)
 
 
@@ -126,7 +122,12 @@ def quantize_(model: torch.nn.Module, config: PBS2P, filter_fn: FilterFn | None 
             f"({len(candidates)} linear(s) found, none eligible); the model was left unchanged"
         )
     _torchao_quantize_(model, config, filter_fn=filter_fn)
-    return conversion_report(model, config, filter_fn)
+    report = conversion_report(model, config, filter_fn)
+    if report.converted and config.step is None:
+        from .interop import mark_hf_quantized
+
+        mark_hf_quantized(model, config)
+    return report
 
 
 def _candidates(model: torch.nn.Module, filter_fn: FilterFn) -> Iterator[tuple[str, torch.nn.Module]]:
@@ -181,9 +182,7 @@ def _validate_model_once(module: torch.nn.Module, config: PBS2P) -> str:
 
 
 @register_quantize_module_handler(PBS2P)
-def _pbs2p_transform(
-    module: torch.nn.Module, config: PBS2P, *, parameter_name: str = "weight"
-) -> torch.nn.Module:
+def _pbs2p_transform(module: torch.nn.Module, config: PBS2P, *, parameter_name: str = "weight") -> torch.nn.Module:
     name = _validate_model_once(module, config)
     if config.step == "convert" and getattr(module, "_pbs2p_observer", None) is None:
         log.info("skipped %s: no observer attached (run quantize_ with step='observe' first)", name)

@@ -108,9 +108,7 @@ def test_transpose_and_mm():
     assert q.t().shape == (64, 32)
     torch.testing.assert_close(torch.mm(x, q.t()), x @ q.dequantize().T, rtol=1e-5, atol=1e-5)
     bias = torch.randn(32)
-    torch.testing.assert_close(
-        torch.addmm(bias, x, q.t()), F.linear(x, q.dequantize(), bias), rtol=1e-5, atol=1e-5
-    )
+    torch.testing.assert_close(torch.addmm(bias, x, q.t()), F.linear(x, q.dequantize(), bias), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(("start", "end"), [(0, 64), (64, 100), (10, 20), (90, None)])
@@ -139,3 +137,21 @@ def test_refuses_other_format_version():
     with pytest.raises(ValueError, match="format version 99"):
         BinarySparseTensor(q.qdata, q.alpha, q.mu, 4, 8, 64, 99)
     assert packing.FORMAT_VERSION == 1
+
+
+def test_checksum_refuses_changed_content():
+    q = BinarySparseTensor.from_float(weight(64, 64), n=4, m=8)
+    assert q.checksum is not None and q.clone().checksum == q.checksum
+    flipped = q.qdata.clone()
+    flipped.view(-1)[5] ^= 1
+    with pytest.raises(ValueError, match="does not match its checksum"):
+        BinarySparseTensor(flipped, q.scale, q.zero_point, 4, 8, 64, 1, False, q.checksum)
+    assert q.to(torch.bfloat16).checksum != q.checksum  # new content, new checksum
+
+
+def test_inconsistent_parts_refused():
+    q = BinarySparseTensor.from_float(weight(64, 64), n=4, m=8)
+    with pytest.raises(ValueError, match="tampered or truncated"):
+        BinarySparseTensor(q.qdata[:, :, :40], q.scale, q.zero_point, 4, 8, 64, 1)
+    with pytest.raises(ValueError, match="tampered or truncated"):
+        BinarySparseTensor(q.qdata, q.scale[:, :0], q.zero_point, 4, 8, 64, 1)

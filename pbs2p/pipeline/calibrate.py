@@ -10,6 +10,7 @@ import torch
 
 from ..algorithms import allocate_n
 from ..config import PBS2P
+from ..interop import mark_hf_quantized
 from ..quantize import ConversionReport, compress_to_tensor, conversion_report, skip_reason
 from .sequential import BlockRecord, SequentialRunner
 
@@ -87,9 +88,7 @@ def calibrate(
     def compress(i: int, name: str, linear: torch.nn.Linear, hessian: torch.Tensor) -> torch.Tensor:
         return compress_to_tensor(linear.weight, config, hessian, n=ns[i])
 
-    records = runner.compress(
-        targets, compress, ns=ns, cosines=cosines, progress=progress, desc="PBS²P blocks"
-    )
+    records = runner.compress(targets, compress, ns=ns, cosines=cosines, progress=progress, desc="PBS²P blocks")
     for record in records:
         log.info(
             "block %d: N=%d, relative output errors %s",
@@ -99,15 +98,12 @@ def calibrate(
         )
     report = conversion_report(model, config)
     outside = "outside the decoder blocks (kept in full precision)"
-    report.skipped = [
-        (name, outside if reason == "not converted" else reason) for name, reason in report.skipped
-    ]
+    report.skipped = [(name, outside if reason == "not converted" else reason) for name, reason in report.skipped]
+    mark_hf_quantized(model, config)
     return CalibrationResult(report, records, time.perf_counter() - start, calibration.numel())
 
 
-def _allocate(
-    config: PBS2P, targets: list[dict[str, torch.nn.Linear]], cosines: list[float] | None
-) -> list[int]:
+def _allocate(config: PBS2P, targets: list[dict[str, torch.nn.Linear]], cosines: list[float] | None) -> list[int]:
     """CFS coarse: per-block N from the cosine similarities, exact weighted average (or ``n`` everywhere)."""
     if cosines is None:
         return [config.n] * len(targets)

@@ -61,9 +61,7 @@ def linears_as_nn_linear(block: torch.nn.Module) -> None:
     for name, child in list(block.named_children()):
         if is_conv1d(child):
             weight = child.weight
-            linear = torch.nn.Linear(
-                weight.shape[0], weight.shape[1], device=weight.device, dtype=weight.dtype
-            )
+            linear = torch.nn.Linear(weight.shape[0], weight.shape[1], device=weight.device, dtype=weight.dtype)
             with torch.no_grad():
                 linear.weight.copy_(weight.t())
                 linear.bias.copy_(child.bias)

@@ -51,9 +51,7 @@ class _BlockCall:
 def check_calibration(calibration: object) -> None:
     """Refuse anything but a non-empty integer ``[nsamples, seqlen]`` tensor of token ids."""
     if not (isinstance(calibration, torch.Tensor) and calibration.dim() == 2 and calibration.numel() > 0):
-        shape = (
-            tuple(calibration.shape) if isinstance(calibration, torch.Tensor) else type(calibration).__name__
-        )
+        shape = tuple(calibration.shape) if isinstance(calibration, torch.Tensor) else type(calibration).__name__
         raise ValueError(f"calibration must be a non-empty LongTensor [nsamples, seqlen], got {shape}")
     if calibration.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"calibration must hold token ids (int64), got {calibration.dtype}")
@@ -157,9 +155,7 @@ class SequentialRunner:
                     for name, tensor in seen.items():
                         owner[name] = next((o for o in owner.values() if seen[o] is tensor), name)
                 for name in {owner[name] for name in seen}:
-                    acc = accumulators.setdefault(
-                        name, HessianAccumulator(linears[name].in_features, x.device)
-                    )
+                    acc = accumulators.setdefault(name, HessianAccumulator(linears[name].in_features, x.device))
                     acc.add(seen[name])
                 seen.clear()
         finally:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import return_and_correct_aliasing
@@ -46,9 +48,9 @@ class BinarySparseTensor(TorchAOBaseTensor):
 
     tensor_data_names = ["qdata", "scale", "zero_point"]
     tensor_attribute_names = ["n", "m", "scale_block", "format_version"]
-    optional_tensor_attribute_names = ["transposed"]
+    optional_tensor_attribute_names = ["transposed", "checksum"]
 
-    def __new__(cls, qdata, scale, zero_point, n, m, scale_block, format_version, transposed=False):
+    def __new__(cls, qdata, scale, zero_point, n, m, scale_block, format_version, transposed=False, checksum=None):
         shape = (scale.shape[0], qdata.shape[1] * m)
         if transposed:
             shape = shape[::-1]
@@ -56,9 +58,10 @@ class BinarySparseTensor(TorchAOBaseTensor):
             cls, shape, dtype=scale.dtype, device=qdata.device, requires_grad=False
         )
 
-    def __init__(self, qdata, scale, zero_point, n, m, scale_block, format_version, transposed=False):
+    def __init__(self, qdata, scale, zero_point, n, m, scale_block, format_version, transposed=False, checksum=None):
         _check_format(format_version)
         _check_consistent(qdata, scale, zero_point, n, m, scale_block)
+        self.checksum = _verified_checksum(qdata, scale, zero_point, n, m, scale_block, checksum)
         self.qdata = qdata
         self.scale = scale
         self.zero_point = zero_point
@@ -145,9 +148,7 @@ class BinarySparseTensor(TorchAOBaseTensor):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight this tensor represents (zeros where pruned)."""
-        w = packing.dequantize(
-            self.qdata, self.scale, self.zero_point, self.n, self.m, self.scale_block, dtype
-        )
+        w = packing.dequantize(self.qdata, self.scale, self.zero_point, self.n, self.m, self.scale_block, dtype)
         return w.t() if self.transposed else w
 
     def unpack(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,19 +183,13 @@ def _check_consistent(qdata, scale, zero_point, n, m, scale_block) -> None:
     out = scale.shape[0] if scale.dim() == 2 else -1
     k = qdata.shape[1] * m if qdata.dim() == 3 else -1
     problems = []
-    if (
-        qdata.dtype != torch.uint8
-        or qdata.dim() != 3
-        or qdata.shape[2] != packing.nm_tables(n, m).block_bytes
-    ):
+    if qdata.dtype != torch.uint8 or qdata.dim() != 3 or qdata.shape[2] != packing.nm_tables(n, m).block_bytes:
         problems.append(
             f"qdata {qdata.dtype} {tuple(qdata.shape)} is not uint8 [tiles, groups, "
             f"{packing.nm_tables(n, m).block_bytes}]"
         )
     elif out >= 0 and qdata.shape[0] != packing.padded_rows(out) // packing.TILE_ROWS:
-        problems.append(
-            f"qdata has {qdata.shape[0]} row tiles, {out} rows need {packing.padded_rows(out) // 64}"
-        )
+        problems.append(f"qdata has {qdata.shape[0]} row tiles, {out} rows need {packing.padded_rows(out) // 64}")
     if not (isinstance(scale_block, int) and scale_block > 0 and scale_block % m == 0):
         problems.append(f"scale_block {scale_block!r} is not a positive multiple of {m}")
     elif k >= 0 and (scale.shape != zero_point.shape or scale.shape[1:] != (-(-k // scale_block),)):
@@ -208,12 +203,38 @@ def _check_consistent(qdata, scale, zero_point, n, m, scale_block) -> None:
         raise ValueError("inconsistent BinarySparseTensor (tampered or truncated?): " + "; ".join(problems))
 
 
+def content_checksum(qdata, scale, zero_point, n, m, scale_block) -> str:
+    """A 64-bit BLAKE2b digest of everything stored (bytes of the three tensors and the layout)."""
+    digest = hashlib.blake2b(f"{n}:{m}:{scale_block}:{scale.dtype}".encode(), digest_size=8)
+    for t in (qdata, scale, zero_point):
+        digest.update(t.detach().contiguous().view(torch.uint8).reshape(-1).numpy())
+    return digest.hexdigest()
+
+
+def _verified_checksum(qdata, scale, zero_point, n, m, scale_block, expected: str | None) -> str | None:
+    """Check ``expected`` against the content (or compute it when ``None``); skipped while tracing."""
+    tensors = (qdata, scale, zero_point)
+    if any(type(t) is not torch.Tensor or t.device.type != "cpu" for t in tensors):
+        return expected  # fake/functional tensors under torch.compile, meta or accelerator tensors
+    actual = content_checksum(qdata, scale, zero_point, n, m, scale_block)
+    if expected is not None and expected != actual:
+        raise ValueError(
+            "BinarySparseTensor content does not match its checksum (tampered or corrupted checkpoint): "
+            f"stored {expected}, computed {actual}"
+        )
+    return actual
+
+
 def _setstate(self: BinarySparseTensor, state: dict) -> None:
     """Unpickling (``torch.load``): refuse incompatible formats before the tensor can be used."""
     torch._utils._set_obj_state(self, state)
     _check_format(getattr(self, "format_version", None))
     if "transposed" not in self.__dict__:
         self.transposed = False
+    _check_consistent(self.qdata, self.scale, self.zero_point, self.n, self.m, self.scale_block)
+    self.checksum = _verified_checksum(
+        self.qdata, self.scale, self.zero_point, self.n, self.m, self.scale_block, self.__dict__.get("checksum")
+    )
 
 
 # TorchAOBaseTensor.__init_subclass__ installs its own __setstate__; ours adds the format check.
@@ -242,7 +263,7 @@ def _(func, types, args, kwargs):
 def _(func, types, args, kwargs):
     w = args[0]
     out = BinarySparseTensor(
-        w.qdata, w.scale, w.zero_point, w.n, w.m, w.scale_block, w.format_version, not w.transposed
+        w.qdata, w.scale, w.zero_point, w.n, w.m, w.scale_block, w.format_version, not w.transposed, w.checksum
     )
     return return_and_correct_aliasing(func, args, kwargs, out)
 
@@ -266,7 +287,7 @@ def _untransposed(wt: BinarySparseTensor) -> BinarySparseTensor:
     if not isinstance(wt, BinarySparseTensor) or not wt.transposed:
         raise NotImplementedError("BinarySparseTensor supports x @ W.t() only (the weight as right operand)")
     return BinarySparseTensor(
-        wt.qdata, wt.scale, wt.zero_point, wt.n, wt.m, wt.scale_block, wt.format_version
+        wt.qdata, wt.scale, wt.zero_point, wt.n, wt.m, wt.scale_block, wt.format_version, False, wt.checksum
     )
 
 
@@ -276,9 +297,7 @@ def _(func, types, args, kwargs):
     kwargs = w._get_to_kwargs(*args[1:], **kwargs)
     device, dtype = kwargs["device"], kwargs["dtype"]
     if not dtype.is_floating_point:
-        raise TypeError(
-            f"a BinarySparseTensor cannot become {dtype}; its dtype is the float dtype of its scales"
-        )
+        raise TypeError(f"a BinarySparseTensor cannot become {dtype}; its dtype is the float dtype of its scales")
     out = BinarySparseTensor(
         w.qdata.to(device),
         w.scale.to(device=device, dtype=dtype),
@@ -288,8 +307,30 @@ def _(func, types, args, kwargs):
         w.scale_block,
         w.format_version,
         w.transposed,
+        w.checksum if dtype == w.dtype else None,
     )
     return return_and_correct_aliasing(func, args, {}, out)
+
+
+@implements(aten.copy_.default)
+def _(func, types, args, kwargs):
+    dst, src = args[:2]
+    same_layout = isinstance(src, BinarySparseTensor) and all(
+        getattr(dst, a) == getattr(src, a) for a in ("n", "m", "scale_block", "format_version", "transposed")
+    )
+    if not same_layout or any(
+        getattr(dst, t).shape != getattr(src, t).shape for t in BinarySparseTensor.tensor_data_names
+    ):
+        raise ValueError(f"cannot copy {src!r} into {dst!r}: the packed layouts differ")
+    for name in BinarySparseTensor.tensor_data_names:
+        getattr(dst, name).copy_(getattr(src, name))
+    same_dtype = dst.scale.dtype == src.scale.dtype
+    dst.checksum = src.checksum if same_dtype else _verified_checksum(*_parts(dst), None)
+    return dst
+
+
+def _parts(w: BinarySparseTensor) -> tuple:
+    return w.qdata, w.scale, w.zero_point, w.n, w.m, w.scale_block
 
 
 @implements(aten.slice.Tensor)
@@ -298,9 +339,7 @@ def _(func, types, args, kwargs):
     if w.transposed:
         raise NotImplementedError("slicing a transposed BinarySparseTensor is not supported")
     if dim != 0 or step != 1:
-        raise NotImplementedError(
-            "BinarySparseTensor can be sliced on the output dimension (dim 0, step 1) only"
-        )
+        raise NotImplementedError("BinarySparseTensor can be sliced on the output dimension (dim 0, step 1) only")
     rows = w.shape[0]
     start, end = slice(start, end).indices(rows)[:2]
     end = max(start, end)
