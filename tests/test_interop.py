@@ -107,7 +107,7 @@ def test_safetensors_holds_the_packed_bytes(tmp_path):
     )
     model.save_pretrained(tmp_path)
     with safe_open(tmp_path / "model.safetensors", "pt") as f:
-        stored = sum(f.get_tensor(k).nbytes for k in f.keys() if ".layers." in k and "._weight_" in k)
+        stored = sum(f.get_tensor(k).nbytes for k in f.keys() if ".layers." in k and "._weight_" in k)  # noqa: SIM118 (safe_open is no dict)
     assert stored == sum(w.packed_nbytes() for w in packed_weights(model).values())
     assert stored * 16 <= fp32_bytes
 
@@ -127,7 +127,7 @@ def checkpoint(tmp_path) -> Path:
 def rewrite(src: Path, dst: Path, mutate_tensors=None, mutate_metadata=None) -> Path:
     shutil.copytree(src, dst)
     with safe_open(src / "model.safetensors", "pt") as f:
-        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())  # noqa: SIM118 (safe_open is no dict)
     if mutate_tensors:
         mutate_tensors(tensors)
     if mutate_metadata:

@@ -7,6 +7,7 @@ Everything takes a weight ``W`` ``[out, in]`` and optionally the layer's input H
 from .allocation import allocate_n, layer_importance
 from .binarize import binarize, fit_binary
 from .binarized import BinarizedWeight, honest_bits_per_weight, nm_index_bits
+from .budget import allocate_bits as allocate_bits
 from .compress import compress_weight
 from .hessian import HessianAccumulator, hessian_from_inputs, prepare_hessian
 from .metrics import relative_output_error
