@@ -25,5 +25,6 @@ autodoc_typehints = "description"
 autodoc_member_order = "bysource"
 napoleon_google_docstring = True
 exclude_patterns = ["_build", "generated/*.md"]
+templates_path = ["_templates"]
 html_theme = "alabaster"
 suppress_warnings = ["myst.header"]

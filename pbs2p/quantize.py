@@ -94,7 +94,15 @@ class ConversionReport:
 def conversion_report(
     model: torch.nn.Module, config: PBS2P | None = None, filter_fn: FilterFn | None = None
 ) -> ConversionReport:
-    """Report every linear of ``model`` as converted, or skipped with the reason."""
+    """Report every linear of ``model`` as converted, or skipped with the reason.
+
+    Example:
+        >>> import torch
+        >>> from pbs2p import conversion_report
+        >>> print(conversion_report(torch.nn.Sequential(torch.nn.Linear(12, 4))))
+        0 linear(s) converted, 1 skipped
+          skipped   0: in_features = 12 is not a multiple of M = 8
+    """
     config = config or PBS2P()
     report = ConversionReport()
     for name, module in _candidates(model, filter_fn or _is_linear):
@@ -110,7 +118,19 @@ def quantize_(model: torch.nn.Module, config: PBS2P, filter_fn: FilterFn | None 
     """Convert ``model`` in place like ``torchao.quantization.quantize_``, and report what happened.
 
     Refuses (and leaves the model unchanged) when no linear can be converted or a weight holds
-    NaN/Inf. Skipped linears are listed with the reason in the returned report.
+    NaN/Inf. Skipped linears are listed with the reason in the returned report. A transformers
+    model is marked as torchao-quantized, so ``save_pretrained`` writes the packed weights.
+
+    Example:
+        >>> import torch
+        >>> from pbs2p import PBS2P, quantize_
+        >>> model = torch.nn.Sequential(torch.nn.Linear(256, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+        >>> report = quantize_(model, PBS2P(n=2, m=4))
+        >>> print(report)  # doctest: +ELLIPSIS
+        2 linear(s) converted, 0 skipped
+          converted 0: (128, 256) 2:4, 1.500 bits/weight
+          converted 2: (10, 128) 2:4, 8.500 bits/weight
+          total: ...
     """
     if not isinstance(config, PBS2P):
         raise TypeError(f"config must be a PBS2P, got {type(config).__name__}")
