@@ -27,8 +27,8 @@ class CalibrationResult:
         >>> from pbs2p import PBS2P, calibrate
         >>> cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         ...                   num_attention_heads=4, num_key_value_heads=2)
-        >>> result = calibrate(LlamaForCausalLM(cfg), torch.randint(0, 128, (2, 16)), PBS2P(n=6, m=8, n_low=5, n_high=7),
-        ...                    progress=False)
+        >>> config = PBS2P(n=6, m=8, n_low=5, n_high=7)
+        >>> result = calibrate(LlamaForCausalLM(cfg), torch.randint(0, 128, (2, 16)), config, progress=False)
         >>> result.mean_kept_fraction(), [b.n for b in result.blocks] in ([5, 7], [6, 6], [7, 5])
         (0.75, True)
         >>> sorted(result.blocks[0].errors)[:3]
