@@ -102,8 +102,9 @@ class BinarySparseTensor(TorchAOBaseTensor):
         if scale_block % m:
             raise ValueError(f"scale_block = {scale_block} is not a multiple of M = {m}")
         dtype = dtype or alpha.dtype
-        codes = packing.pack(mask, signs, n, m)
-        return cls(codes, alpha.to(dtype), mu.to(dtype), n, m, scale_block, packing.FORMAT_VERSION)
+        qdata = packing.pack(mask, signs, n, m)
+        scale, zero_point = alpha.to(dtype).contiguous(), mu.to(dtype).contiguous()
+        return cls(qdata, scale, zero_point, n, m, scale_block, packing.FORMAT_VERSION)
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, *, n: int = 4, m: int = 8, **options) -> BinarySparseTensor:
@@ -207,7 +208,7 @@ def content_checksum(qdata, scale, zero_point, n, m, scale_block) -> str:
     """A 64-bit BLAKE2b digest of everything stored (bytes of the three tensors and the layout)."""
     digest = hashlib.blake2b(f"{n}:{m}:{scale_block}:{scale.dtype}".encode(), digest_size=8)
     for t in (qdata, scale, zero_point):
-        digest.update(t.detach().contiguous().view(torch.uint8).reshape(-1).numpy())
+        digest.update(t.detach().reshape(-1).contiguous().view(torch.uint8).numpy())
     return digest.hexdigest()
 
 

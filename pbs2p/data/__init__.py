@@ -1,0 +1,1 @@
+"""Text data: packaged English Wikipedia, its calibration / held-out split, and the calibration sampler."""
