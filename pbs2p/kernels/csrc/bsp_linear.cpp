@@ -1,0 +1,493 @@
+// pbs2p::bsp_linear, the CPU operator on packed 1-bit N:M weights (format v1).
+//
+// Lookup-table path (every ISA; float32 activations at any batch, bfloat16 below the BLAS batch):
+// y[b, r] = sum over scale blocks of (mu - alpha) * sum_{c in S} x[b, c] + 2 alpha * sum_{c in P} x[b, c]
+// where S are the kept columns of row r and P the kept columns with sign +1, both read from
+// tables of activation subset sums (see kernels.h). Loop nest, per pass of <= 64 batch rows:
+//
+//   tables for every (group, batch row)                               parallel over groups
+//   for each item of 1-8 row tiles of 64 rows:                          parallel over items
+//     for each K-chunk (its tables fit in L2): for each tile of the item:
+//       for each 32 groups: decode D once, then lookups for up to 8 batch rows at a time
+//
+// A tile's outputs accumulate in fp32 across chunks and are written (+ bias, cast) at the end.
+//
+// BLAS path (bfloat16 activations from blas_min_batch rows, AVX-512 with bf16 dot products): expand
+// W_hat to bfloat16 16 MB at a time, exactly as the torch path rounds it, and call at::linear.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+#include "work_pool.h"
+
+namespace pbs2p {
+namespace {
+
+enum Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+const char* const kIsaNames[] = {"scalar", "avx2", "avx512"};
+
+struct IsaOps {
+  int max_nb;
+  int (*table_floats)(int);
+  void (*build_tables)(const void*, bool, int64_t, int64_t, int, int64_t, int64_t, float*);
+  void (*decode)(const NMTables&, const uint8_t*, int64_t, uint32_t*);
+  void (*lookup)(const LookupArgs&);
+  void (*expand_bf16)(const ExpandArgs&);
+};
+
+IsaOps isa_ops(int isa) {
+  switch (isa) {
+    case kAvx512: return {avx512::kMaxNb, avx512::table_floats, avx512::build_tables, avx512::decode, avx512::lookup, avx512::expand_bf16};
+    case kAvx2: return {avx2::kMaxNb, avx2::table_floats, avx2::build_tables, avx2::decode, avx2::lookup, avx2::expand_bf16};
+    default: return {scalar::kMaxNb, scalar::table_floats, scalar::build_tables, scalar::decode, scalar::lookup, scalar::expand_bf16};
+  }
+}
+
+bool cpu_supports(int isa) {
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("popcnt");
+  switch (isa) {
+    case kAvx512:
+      return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+             __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("bmi") &&
+             __builtin_cpu_supports("bmi2");
+    case kAvx2: return avx2;
+    default: return true;
+  }
+}
+
+int best_isa() {
+  for (int isa = kAvx512; isa > kScalar; --isa) {
+    if (cpu_supports(isa)) return isa;
+  }
+  return kScalar;
+}
+
+std::atomic<int>& current_isa() {
+  static std::atomic<int> isa{best_isa()};
+  return isa;
+}
+
+std::string kernel_isa() { return kIsaNames[current_isa().load()]; }
+
+std::vector<std::string> supported_kernel_isas() {
+  std::vector<std::string> names;
+  for (int i = kScalar; i <= kAvx512; ++i) {
+    if (cpu_supports(i)) names.emplace_back(kIsaNames[i]);
+  }
+  return names;
+}
+
+std::string set_kernel_isa(const std::string& name) {
+  int isa = -1;
+  if (name == "best") {
+    isa = best_isa();
+  } else {
+    for (int i = kScalar; i <= kAvx512; ++i) {
+      if (name == kIsaNames[i]) isa = i;
+    }
+  }
+  TORCH_CHECK(isa >= 0, "pbs2p: unknown kernel ISA '", name, "' (expected scalar, avx2, avx512 or best)");
+  TORCH_CHECK(cpu_supports(isa), "pbs2p: this CPU cannot run the ", name, " kernels");
+  current_isa().store(isa);
+  return kIsaNames[isa];
+}
+
+struct FreeDeleter {
+  void operator()(void* p) const { std::free(p); }
+};
+
+// Grow-only 64-byte aligned scratch memory, one per thread and purpose: reused across calls, so
+// large tables are not page-faulted in again on every call.
+template <typename T>
+class Scratch {
+ public:
+  T* get(int64_t count) {
+    if (count > capacity_) {
+      const size_t bytes = (static_cast<size_t>(count) * sizeof(T) + 63) / 64 * 64;
+      buf_.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));
+      TORCH_CHECK(buf_, "pbs2p::bsp_linear: out of memory");
+      capacity_ = count;
+    }
+    return buf_.get();
+  }
+
+ private:
+  std::unique_ptr<T[], FreeDeleter> buf_;
+  int64_t capacity_ = 0;
+};
+
+// This tile's scales of blocks [blk_a, blk_b]: [blk][2][64] = (mu - alpha, 2 alpha), 0 past `out`.
+template <typename T>
+void prepare_scales_t(const T* alpha, const T* mu, int64_t n_blocks, int64_t out, int64_t tile,
+                      int64_t blk_a, int64_t blk_b, float* sc) {
+  for (int64_t blk = blk_a; blk <= blk_b; ++blk) {
+    float* s = sc + (blk - blk_a) * 2 * kTileRows;
+    for (int r = 0; r < kTileRows; ++r) {
+      const int64_t row = tile * kTileRows + r;
+      float a = 0.0f, u = 0.0f;
+      if (row < out) {
+        a = static_cast<float>(alpha[row * n_blocks + blk]);
+        u = static_cast<float>(mu[row * n_blocks + blk]);
+      }
+      s[r] = u - a;
+      s[kTileRows + r] = 2.0f * a;
+    }
+  }
+}
+
+template <typename T>
+void write_tile(const float* acc, int64_t nb, int64_t out, int64_t tile, const float* bias, T* y) {
+  const int64_t row0 = tile * kTileRows;
+  const int rows = static_cast<int>(std::min<int64_t>(kTileRows, out - row0));
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* a = acc + b * kTileRows;
+    T* yb = y + b * out + row0;
+    for (int r = 0; r < rows; ++r) yb[r] = static_cast<T>(a[r] + (bias ? bias[row0 + r] : 0.0f));
+  }
+}
+
+constexpr int64_t kGroupsPerDecode = 32;        // D buffer: 8 KB, stays in L1 with its tables
+constexpr int64_t kGroupsPerExpand = 128;       // rows written 128 * m * 2 bytes at a time
+constexpr int64_t kExpandBytes = 64 << 20;      // bf16 W_hat expanded per GEMM call
+constexpr int64_t kTableBytesPerChunk = 256 << 10;
+constexpr int64_t kMaxBatchPerPass = 64;        // bounds the tables: 64 bytes per 4 activations per row
+constexpr int64_t kParallelWork = 1 << 21;      // below (about 50 us of work) waking helpers costs more
+
+struct Problem {
+  const NMTables* t;
+  int isa;
+  IsaOps ops;
+  int64_t K, G, out, tiles, n_blocks, gpb;
+  const uint8_t* codes;
+  at::ScalarType scale_type;
+  const void* alpha;
+  const void* mu;
+  const float* bias;
+  bool x_bf16;
+  int threads;
+};
+
+// Batch from which bf16 activations take the expand + BLAS path (measured on Zen 5, 2 cores);
+// PBS2P_BLAS_MIN_BATCH overrides it (tests, tuning).
+// Only with the AVX-512 kernels, and where oneDNN has native bf16 dot products.
+int64_t blas_min_batch(const Problem& p) {
+  if (const char* env = std::getenv("PBS2P_BLAS_MIN_BATCH")) return std::atoll(env);
+  static const bool bf16_dot = __builtin_cpu_supports("avx512bf16");
+  if (p.isa != kAvx512 || !bf16_dot) return INT64_MAX;
+  return 48;
+}
+
+void prepare_scales(const Problem& p, int64_t tile, int64_t blk_a, int64_t blk_b, float* sc) {
+  switch (p.scale_type) {
+    case at::kBFloat16:
+      prepare_scales_t(static_cast<const at::BFloat16*>(p.alpha), static_cast<const at::BFloat16*>(p.mu),
+                       p.n_blocks, p.out, tile, blk_a, blk_b, sc);
+      break;
+    case at::kHalf:
+      prepare_scales_t(static_cast<const at::Half*>(p.alpha), static_cast<const at::Half*>(p.mu), p.n_blocks,
+                       p.out, tile, blk_a, blk_b, sc);
+      break;
+    default:
+      prepare_scales_t(static_cast<const float*>(p.alpha), static_cast<const float*>(p.mu), p.n_blocks, p.out,
+                       tile, blk_a, blk_b, sc);
+  }
+}
+
+// Codes are read in bursts (decode, then lookups with no memory traffic): without a hint the
+// hardware prefetcher stops at each burst's end, and cold weights (the usual case in a model)
+// arrive at a fraction of the memory bandwidth. Each burst prefetches the next one (measured
+// on Zen 5: farther or into L2 only is slower).
+inline void prefetch(const uint8_t* p, int64_t bytes) {
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
+}
+
+// Buffers of the calling thread (the helpers only read and write them during its call).
+Scratch<float>& caller_tables() {
+  static thread_local Scratch<float> s;
+  return s;
+}
+Scratch<float>& caller_accumulators() {
+  static thread_local Scratch<float> s;
+  return s;
+}
+
+// y[0:nb] = x[0:nb] @ W_hat.T + bias with the lookup-table kernels (nb <= kMaxBatchPerPass).
+template <typename T>
+void lut_pass(const Problem& p, const void* x, int64_t nb, T* y) {
+  const NMTables& t = *p.t;
+  const int64_t K = p.K, G = p.G, nib = t.nib, max_nb = p.ops.max_nb, tf = p.ops.table_floats(t.m);
+  // Tables of each block of max_nb batch rows are contiguous, [b-block][g][row][tf], so one
+  // lookup call walks them with a small stride (a stride of nb * 512 bytes thrashes L1 sets).
+  const int64_t bblocks = (nb + max_nb - 1) / max_nb, bblock_floats = G * max_nb * tf;
+  float* tables = caller_tables().get(bblocks * bblock_floats);
+  float* yacc = caller_accumulators().get(p.tiles * nb * kTileRows);
+
+  const int64_t tgroups = std::max<int64_t>(16, 131072 / (max_nb * tf)), titems = (G + tgroups - 1) / tgroups;
+  parallel_items(bblocks * titems, p.threads, [&](int64_t i) {
+    const int64_t bb = i / titems, g0 = i % titems * tgroups, g1 = std::min(G, g0 + tgroups);
+    const int64_t offset = bb * max_nb * K * (p.x_bf16 ? 2 : 4);
+    p.ops.build_tables(static_cast<const char*>(x) + offset, p.x_bf16, K, std::min(max_nb, nb - bb * max_nb), t.m,
+                       g0, g1, tables + bb * bblock_floats);
+  });
+
+  // K-chunks whose tables (all nb rows) fit in L2; an item is a few tiles that go through the
+  // chunks together, so each chunk's tables serve them all. One synchronisation per pass: on a
+  // busy machine every wait for a descheduled thread costs a scheduler time slice.
+  int64_t gc = std::max<int64_t>(kTableBytesPerChunk / (nb * tf * 4), kGroupsPerDecode);
+  gc = gc >= G ? G : gc / kGroupsPerDecode * kGroupsPerDecode;
+  const int64_t tiles_per_item = gc == G ? 1 : std::max<int64_t>(1, std::min<int64_t>(8, p.tiles / (4 * p.threads)));
+  const int64_t items = (p.tiles + tiles_per_item - 1) / tiles_per_item;
+  parallel_items(items, p.threads, [&](int64_t item) {
+    static thread_local Scratch<uint32_t> dscratch;
+    static thread_local Scratch<float> sscratch;
+    uint32_t* dbuf = dscratch.get(kGroupsPerDecode * kTileRows);
+    const int64_t tile0 = item * tiles_per_item, tile1 = std::min(p.tiles, tile0 + tiles_per_item);
+    for (int64_t c0 = 0; c0 < G; c0 += gc) {
+      const int64_t c1 = std::min(G, c0 + gc);
+      const int64_t blk_a = c0 / p.gpb, blk_b = (c1 - 1) / p.gpb;
+      float* sbuf = sscratch.get((blk_b - blk_a + 1) * 2 * kTileRows);
+      for (int64_t tile = tile0; tile < tile1; ++tile) {
+        float* acc = yacc + tile * nb * kTileRows;
+        if (c0 == 0) std::fill(acc, acc + nb * kTileRows, 0.0f);
+        prepare_scales(p, tile, blk_a, blk_b, sbuf);
+        LookupArgs a;
+        a.nib = static_cast<int>(nib);
+        a.scales = sbuf;
+        a.blk0 = blk_a;
+        a.gpb = p.gpb;
+        // Measured: fusing decode and lookup pays for m = 4 (short decode), not for m = 8 (registers).
+        const bool fused = nb == 1 && p.isa == kAvx512 && t.m == 4;
+        for (int64_t g = c0; g < c1; g += kGroupsPerDecode) {
+          const uint8_t* blocks = p.codes + (tile * G + g) * t.block_bytes;
+          a.ng = std::min(kGroupsPerDecode, c1 - g);
+          a.g_abs = g;
+          if (g + a.ng < c1) {
+            prefetch(blocks + a.ng * t.block_bytes, std::min(kGroupsPerDecode, c1 - g - a.ng) * t.block_bytes);
+          } else if (tile + 1 < p.tiles) {  // most likely the next tile this or another thread takes
+            prefetch(p.codes + ((tile + 1) * G + c0) * t.block_bytes,
+                     std::min(kGroupsPerDecode, c1 - c0) * t.block_bytes);
+          }
+          if (fused) {
+            a.D = nullptr;
+            a.tables = tables + g * tf;
+            a.table_stride = tf;
+            a.nb = 1;
+            a.acc = acc;
+            avx512::decode_lookup1(t, blocks, a);
+            continue;
+          }
+          p.ops.decode(t, blocks, a.ng, dbuf);
+          a.D = dbuf;
+          for (int64_t bb = 0; bb < bblocks; ++bb) {
+            const int64_t bbn = std::min(max_nb, nb - bb * max_nb);
+            a.tables = tables + bb * bblock_floats + g * bbn * tf;
+            a.table_stride = bbn * tf;
+            a.nb = static_cast<int>(bbn);
+            a.acc = acc + bb * max_nb * kTileRows;
+            p.ops.lookup(a);
+          }
+        }
+        if (c1 == G) write_tile(acc, nb, p.out, tile, p.bias, y);
+      }
+    }
+  });
+}
+
+// bf16 bits of the weights of this tile's rows, all blocks: [blk][2][64] = (w+, w-), rounded the
+// way the torch path rounds them: w+- = bf16(+-bf16(alpha) + bf16(mu)).
+template <typename T>
+void prepare_bf16_weights_t(const T* alpha, const T* mu, int64_t n_blocks, int64_t out, int64_t tile,
+                            uint16_t* w) {
+  for (int64_t blk = 0; blk < n_blocks; ++blk) {
+    uint16_t* wb = w + blk * 2 * kTileRows;
+    for (int r = 0; r < kTileRows; ++r) {
+      const int64_t row = tile * kTileRows + r;
+      float a = 0.0f, u = 0.0f;
+      if (row < out) {
+        a = static_cast<float>(static_cast<at::BFloat16>(static_cast<float>(alpha[row * n_blocks + blk])));
+        u = static_cast<float>(static_cast<at::BFloat16>(static_cast<float>(mu[row * n_blocks + blk])));
+      }
+      wb[r] = static_cast<at::BFloat16>(u + a).x;
+      wb[kTileRows + r] = static_cast<at::BFloat16>(u - a).x;
+    }
+  }
+}
+
+void prepare_bf16_weights(const Problem& p, int64_t tile, uint16_t* w) {
+  switch (p.scale_type) {
+    case at::kBFloat16:
+      prepare_bf16_weights_t(static_cast<const at::BFloat16*>(p.alpha), static_cast<const at::BFloat16*>(p.mu),
+                             p.n_blocks, p.out, tile, w);
+      break;
+    case at::kHalf:
+      prepare_bf16_weights_t(static_cast<const at::Half*>(p.alpha), static_cast<const at::Half*>(p.mu), p.n_blocks,
+                             p.out, tile, w);
+      break;
+    default:
+      prepare_bf16_weights_t(static_cast<const float*>(p.alpha), static_cast<const float*>(p.mu), p.n_blocks,
+                             p.out, tile, w);
+  }
+}
+
+// Prefill with bf16 activations: expand W_hat to bf16, up to 64 MB of rows at a time, and let the
+// BLAS (oneDNN) multiply, exactly as the torch path does with the whole W_hat.
+void blas_pass(const Problem& p, const at::Tensor& x2d, const at::Tensor& bias_bf16, at::Tensor& y2d) {
+  static thread_local Scratch<uint16_t> wscratch;
+  const NMTables& t = *p.t;
+  const int64_t K = p.K, G = p.G;
+  // Few large chunks: each GEMM is an OpenMP region, whose closing barrier costs a scheduler time
+  // slice whenever one of its threads has been descheduled (a shared machine). The buffer is kept
+  // for the next call (page-faulting tens of MB in again would cost more than the expansion).
+  const int64_t tiles_per_chunk = std::max<int64_t>(1, kExpandBytes / (kTileRows * K * 2));
+  uint16_t* wbuf = wscratch.get(tiles_per_chunk * kTileRows * K);
+  for (int64_t t0 = 0; t0 < p.tiles; t0 += tiles_per_chunk) {
+    const int64_t t1 = std::min(p.tiles, t0 + tiles_per_chunk);
+    const int64_t row0 = t0 * kTileRows, rows = std::min(p.out, t1 * kTileRows) - row0;
+    parallel_items(t1 - t0, p.threads, [&](int64_t i) {
+      static thread_local Scratch<uint32_t> dscratch;
+      static thread_local Scratch<uint16_t> sscratch;
+      const int64_t tile = t0 + i;
+      uint32_t* dbuf = dscratch.get(kGroupsPerExpand * kTileRows);
+      uint16_t* w = sscratch.get(p.n_blocks * 2 * kTileRows);
+      prepare_bf16_weights(p, tile, w);
+      for (int64_t g = 0; g < G; g += kGroupsPerExpand) {
+        ExpandArgs a;
+        a.D = dbuf;
+        a.ng = std::min(kGroupsPerExpand, G - g);
+        a.m = t.m;
+        a.w = w;
+        a.g_abs = g;
+        a.blk0 = 0;
+        a.gpb = p.gpb;
+        a.out = wbuf + i * kTileRows * K + g * t.m;
+        a.ld = K;
+        a.rows = static_cast<int>(std::min<int64_t>(kTileRows, p.out - tile * kTileRows));
+        p.ops.decode(t, p.codes + (tile * G + g) * t.block_bytes, a.ng, dbuf);
+        p.ops.expand_bf16(a);
+      }
+    }, /*linger=*/false);
+    const at::Tensor wc = at::from_blob(wbuf, {rows, K}, at::TensorOptions().dtype(at::kBFloat16));
+    const at::Tensor yc =
+        bias_bf16.defined() ? at::linear(x2d, wc, bias_bf16.narrow(0, row0, rows)) : at::linear(x2d, wc);
+    y2d.narrow(1, row0, rows).copy_(yc);
+  }
+}
+
+at::Tensor bsp_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& alpha,
+                          const at::Tensor& mu, const std::optional<at::Tensor>& bias, int64_t n, int64_t m,
+                          int64_t scale_block) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "pbs2p::bsp_linear: x must be float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() >= 1, "pbs2p::bsp_linear: x must have at least one dimension");
+  TORCH_CHECK((m == 4 || m == 8 || m == 16) && 1 <= n && n < m, "pbs2p::bsp_linear: unsupported N:M = ", n,
+              ":", m);
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 3,
+              "pbs2p::bsp_linear: codes must be uint8 [tiles, G, bytes]");
+  TORCH_CHECK(alpha.dim() == 2 && mu.sizes() == alpha.sizes(),
+              "pbs2p::bsp_linear: alpha and mu must be [out, n_blocks]");
+  TORCH_CHECK(at::isFloatingType(alpha.scalar_type()) && at::isFloatingType(mu.scalar_type()),
+              "pbs2p::bsp_linear: alpha and mu must be floating point");
+  TORCH_CHECK(scale_block >= 1, "pbs2p::bsp_linear: scale_block must be positive");
+  for (const at::Tensor* t : {&codes, &alpha, &mu}) {
+    TORCH_CHECK(t->device().is_cpu(), "pbs2p::bsp_linear: all tensors must be on the CPU");
+  }
+  const NMTables& t = nm_tables(static_cast<int>(n), static_cast<int>(m));
+  const int64_t K = x.size(-1), out = alpha.size(0), tiles = codes.size(0);
+  TORCH_CHECK(K % m == 0, "pbs2p::bsp_linear: in_features ", K, " is not a multiple of M = ", m);
+  const int64_t G = K / m, n_blocks = (K + scale_block - 1) / scale_block;
+  TORCH_CHECK(codes.size(1) == G && codes.size(2) == t.block_bytes && tiles == (out + kTileRows - 1) / kTileRows,
+              "pbs2p::bsp_linear: codes of shape ", codes.sizes(), " do not hold ", out, " x ", K, " ", n, ":", m,
+              " blocks");
+  TORCH_CHECK(alpha.size(1) == n_blocks, "pbs2p::bsp_linear: alpha has ", alpha.size(1), " blocks, ", n_blocks,
+              " expected for scale_block ", scale_block);
+  TORCH_CHECK(n_blocks <= 1 || scale_block % m == 0,
+              "pbs2p::bsp_linear: scale_block must be a multiple of M (or >= in_features)");
+  at::Tensor bias_f;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out && bias->device().is_cpu(),
+                "pbs2p::bsp_linear: bias must be a CPU vector of ", out, " elements");
+    bias_f = bias->to(at::kFloat).contiguous();
+  }
+
+  std::vector<int64_t> out_shape = x.sizes().vec();
+  out_shape.back() = out;
+  at::Tensor y = at::empty(out_shape, x.options());
+  if (y.numel() == 0) return y;
+  const int64_t B = y.numel() / out;
+  if (G == 0) {
+    y.zero_();
+    if (bias_f.defined()) y.add_(bias_f.to(y.scalar_type()));
+    return y;
+  }
+
+  const at::Tensor codes_c = codes.contiguous();
+  at::Tensor alpha_c = alpha.contiguous(), mu_c = mu.contiguous();
+  if (alpha_c.scalar_type() != mu_c.scalar_type() ||
+      !(alpha_c.scalar_type() == at::kFloat || alpha_c.scalar_type() == at::kBFloat16 ||
+        alpha_c.scalar_type() == at::kHalf)) {
+    alpha_c = alpha_c.to(at::kFloat);
+    mu_c = mu_c.to(at::kFloat);
+  }
+
+  Problem p;
+  p.t = &t;
+  p.isa = current_isa().load();
+  p.ops = isa_ops(p.isa);
+  p.K = K;
+  p.G = G;
+  p.out = out;
+  p.tiles = tiles;
+  p.n_blocks = n_blocks;
+  p.gpb = n_blocks <= 1 ? G : scale_block / m;
+  p.codes = codes_c.data_ptr<uint8_t>();
+  p.scale_type = alpha_c.scalar_type();
+  p.alpha = alpha_c.data_ptr();
+  p.mu = mu_c.data_ptr();
+  p.bias = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  const int64_t work = tiles * kTileRows * G * (std::min(B, kMaxBatchPerPass) + 4);
+  p.threads = work >= kParallelWork && !at::in_parallel_region() ? at::get_num_threads() : 1;
+
+  if (x.scalar_type() == at::kBFloat16 && B >= blas_min_batch(p)) {
+    at::Tensor y2d = y.view({B, out});
+    blas_pass(p, x.reshape({B, K}).contiguous(), bias.has_value() ? bias->to(at::kBFloat16) : at::Tensor(), y2d);
+    return y;
+  }
+  const at::Tensor xc = x.reshape({B, K}).contiguous();
+  p.x_bf16 = x.scalar_type() == at::kBFloat16;
+  const int64_t row_bytes = K * static_cast<int64_t>(xc.element_size());
+  for (int64_t b0 = 0; b0 < B; b0 += kMaxBatchPerPass) {
+    const int64_t nb = std::min(kMaxBatchPerPass, B - b0);
+    const char* xp = static_cast<const char*>(xc.data_ptr()) + b0 * row_bytes;
+    if (y.scalar_type() == at::kFloat) {
+      lut_pass(p, xp, nb, y.data_ptr<float>() + b0 * out);
+    } else {
+      lut_pass(p, xp, nb, y.data_ptr<at::BFloat16>() + b0 * out);
+    }
+  }
+  return y;
+}
+
+}  // namespace
+}  // namespace pbs2p
+
+TORCH_LIBRARY_FRAGMENT(pbs2p, lib) {
+  lib.def("bsp_linear(Tensor x, Tensor codes, Tensor alpha, Tensor mu, Tensor? bias, int n, int m, int scale_block) -> Tensor");
+  lib.def("_kernel_isa() -> str", &pbs2p::kernel_isa);
+  lib.def("_set_kernel_isa(str isa) -> str", &pbs2p::set_kernel_isa);
+  lib.def("_supported_kernel_isas() -> str[]", &pbs2p::supported_kernel_isas);
+}
+
+TORCH_LIBRARY_IMPL(pbs2p, CPU, lib) { lib.impl("bsp_linear", &pbs2p::bsp_linear_cpu); }

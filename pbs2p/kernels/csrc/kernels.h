@@ -1,0 +1,107 @@
+// Shared declarations of the packed N:M kernels (format v1, see pbs2p/kernels/packing.py).
+//
+// Only plain data and function declarations live here: the ISA translation units compile
+// with `#pragma GCC target`, and an inline function instantiated there could be merged by
+// the linker into code that runs on CPUs without that ISA.
+#pragma once
+
+#include <cstdint>
+
+namespace pbs2p {
+
+constexpr int kTileRows = 64;
+
+// Decode tables of one N:M pattern, built once per (n, m) in nm_tables.cpp.
+//
+// The kernels turn the fields of a group into one dword per row, D = S | P << 16, where S is
+// the bitmask of kept columns and P the bitmask of kept columns with sign +1 (P = pdep(s, S)).
+struct NMTables {
+  int n, m, nib;                 // nib = m / 4 nibbles per group
+  int ncomb, idx_bits;           // C(m, n), ceil(log2 C(m, n))
+  int idx_bytes, block_bytes;    // 8 * idx_bits, 8 * (idx_bits + n)
+  int joint_bits;                // m <= 8: idx_bits + n, the width of the joint code idx << n | s
+
+  uint32_t joint[1 << 12];       // m <= 8: joint code -> D
+  uint16_t masks[12870];         // idx -> S (all m; 12870 = C(16, 8))
+
+  // AVX-512 VBMI decode of 64 rows at once (m = 4, 8).
+  alignas(64) uint8_t gather_idx[64];   // vpermb: qword q <- bytes [q * idx_bits, +8) of the idx area
+  alignas(64) uint8_t gather_sgn[64];   // vpermb: qword q <- bytes [q * n, +8) of the sign area
+  alignas(64) uint8_t shift_idx[64];    // vpmultishiftqb controls: byte k of qword <- field k
+  alignas(64) uint8_t shift_slo[64];    //   signs, low bits first
+  alignas(64) uint8_t shift_shi[64];    //   m = 8: the top min(n, 4) sign bits
+  alignas(64) uint8_t dexp[4][64];      // vpermt2b: bytes (S, P) of 16 rows -> dwords S | P << 16
+  alignas(64) uint8_t ts[128];          // m = 8: idx -> S
+  alignas(64) uint8_t t1[256];          // m = 8: S_lo << 4 | s_lo -> P_lo
+  alignas(64) uint8_t t2[256];          // m = 8: S_hi << 4 | s_hi -> P_hi << 4
+  alignas(64) uint8_t js[64];           // m = 4: joint code -> S
+  alignas(64) uint8_t jp[64];           // m = 4: joint code -> P
+  uint64_t idx_load_mask, sgn_load_mask;
+  uint8_t jmask;                        // m = 4: bits of idx << n in the joint code
+};
+
+const NMTables& nm_tables(int n, int m);
+
+// Portable decode of `ng` consecutive (tile, group) blocks into D[ng][64].
+void decode_generic(const NMTables& t, const uint8_t* blocks, int64_t ng, uint32_t* D);
+
+// One call of the lookup stage: adds the contributions of `ng` decoded groups of one row tile
+// to the outputs of `nb` batch rows.
+struct LookupArgs {
+  const uint32_t* D;      // [ng][64] decoded rows
+  int64_t ng;
+  const float* tables;    // activation tables of (group 0 of D, batch row 0 of this call)
+  int64_t table_stride;   // floats from one group's tables to the next (nb * table_floats)
+  int nb, nib;
+  const float* scales;    // this tile's blocks from blk0 on: [blk][2][64] = (mu - alpha, 2 alpha)
+  int64_t g_abs;          // absolute group index of D[0]
+  int64_t blk0, gpb;      // first block held in `scales`; groups per scale block
+  float* acc;             // [nb][64] running outputs of the tile (in/out)
+};
+
+// One call of the bf16 expansion (the prefill path): writes the dense bf16 W_hat of `ng` decoded
+// groups of one row tile, W_hat = S ? (P ? w+ : w-) : 0 per weight.
+struct ExpandArgs {
+  const uint32_t* D;      // [ng][64] decoded rows
+  int64_t ng;
+  int m;
+  const uint16_t* w;      // this tile's blocks from blk0 on, bf16 bits: [blk][2][64] = (w+, w-)
+  int64_t g_abs;          // absolute group index of D[0]
+  int64_t blk0, gpb;
+  uint16_t* out;          // element (row 0, column g_abs * m) of the tile
+  int64_t ld;             // elements from one row to the next
+  int rows;               // rows to write (<= 64)
+};
+
+void expand_bf16_generic(const ExpandArgs& a);
+
+// Every ISA provides the same functions; the driver (bsp_linear.cpp) picks one set.
+//   table_floats: floats of the tables of one (group, batch row)
+//   build_tables: the tables, from float32 or bfloat16 (bits, when x_bf16) activations: the 16
+//                 subset sums of every 4 activations, tables[g][b][t][i] = sum_{bit j of i} x[b, g m + 4 t + j]
+//   decode:       blocks -> D
+//   lookup:       D + tables -> acc
+//   expand_bf16:  D -> bf16 W_hat rows
+#define PBS2P_DECLARE_ISA(ns)                                                                 \
+  namespace ns {                                                                              \
+  extern const int kMaxNb;                                                                    \
+  int table_floats(int m);                                                                    \
+  void build_tables(const void* x, bool x_bf16, int64_t ldx, int64_t B, int m, int64_t g0,   \
+                    int64_t g1, float* tables);                                               \
+  void decode(const NMTables& t, const uint8_t* blocks, int64_t ng, uint32_t* D);            \
+  void lookup(const LookupArgs& a);                                                           \
+  void expand_bf16(const ExpandArgs& a);                                                      \
+  }
+
+PBS2P_DECLARE_ISA(scalar)
+PBS2P_DECLARE_ISA(avx2)
+PBS2P_DECLARE_ISA(avx512)
+
+#undef PBS2P_DECLARE_ISA
+
+namespace avx512 {
+// decode + lookup for one batch row (m = 4, 8), without the D buffer.
+void decode_lookup1(const NMTables& t, const uint8_t* blocks, const LookupArgs& a);
+}
+
+}  // namespace pbs2p

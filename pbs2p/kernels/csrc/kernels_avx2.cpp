@@ -1,0 +1,123 @@
+// AVX2 + FMA kernels: called only after a run-time CPU check.
+//
+// Decode is the portable one (joint code -> D table). Lookup: a 16-entry fp32 table is two
+// ymm halves; vpermps picks in both with the low 3 bits of the nibble and vblendvps selects
+// the half with its bit 3, for 8 rows per instruction. (Tables of 3 columns, 8 entries, need
+// no blend but more lookups: measured no faster for m = 8 and slower for m = 4.)
+#include <immintrin.h>
+
+#include "kernels.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,popcnt")
+
+namespace pbs2p::avx2 {
+
+const int kMaxNb = 4;
+
+int table_floats(int m) { return m / 4 * 16; }
+
+// Activation i of a float32 or bfloat16 (bits) array, as float (internal linkage: see kernels.h).
+static inline float activation(const void* x, bool x_bf16, int64_t i) {
+  if (!x_bf16) return static_cast<const float*>(x)[i];
+  const uint32_t bits = static_cast<uint32_t>(static_cast<const uint16_t*>(x)[i]) << 16;
+  float v;
+  __builtin_memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
+void build_tables(const void* x, bool x_bf16, int64_t ldx, int64_t B, int m, int64_t g0, int64_t g1,
+                  float* tables) {
+  const int nib = m / 4;
+  const __m256i lane = _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0);
+  __m256 bit[3];
+  for (int j = 0; j < 3; ++j) {
+    bit[j] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(lane, j), _mm256_set1_epi32(1)));
+  }
+  for (int64_t g = g0; g < g1; ++g) {
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t xi = b * ldx + g * m;
+      float* tb = tables + (g * B + b) * nib * 16;
+      for (int t = 0; t < nib; ++t) {
+        __m256 v = _mm256_mul_ps(_mm256_set1_ps(activation(x, x_bf16, xi + 4 * t)), bit[0]);
+        v = _mm256_fmadd_ps(_mm256_set1_ps(activation(x, x_bf16, xi + 4 * t + 1)), bit[1], v);
+        v = _mm256_fmadd_ps(_mm256_set1_ps(activation(x, x_bf16, xi + 4 * t + 2)), bit[2], v);
+        _mm256_storeu_ps(tb + 16 * t, v);
+        const __m256 x3 = _mm256_set1_ps(activation(x, x_bf16, xi + 4 * t + 3));
+        _mm256_storeu_ps(tb + 16 * t + 8, _mm256_add_ps(v, x3));
+      }
+    }
+  }
+}
+
+void decode(const NMTables& t, const uint8_t* blocks, int64_t ng, uint32_t* D) {
+  decode_generic(t, blocks, ng, D);
+}
+
+// table[(d >> shift) & 15] for 8 rows.
+static inline __m256 lookup16(__m256i d, int shift, const float* table) {
+  const __m256i idx = _mm256_srli_epi32(d, shift);
+  const __m256 sel = _mm256_castsi256_ps(_mm256_slli_epi32(d, 28 - shift));
+  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(table), idx),
+                          _mm256_permutevar8x32_ps(_mm256_loadu_ps(table + 8), idx), sel);
+}
+
+template <int NIB>
+static inline __m256 nibble_sum(__m256i d, int shift, const float* tj) {
+  __m256 r = lookup16(d, shift, tj);
+  for (int t = 1; t < NIB; ++t) r = _mm256_add_ps(r, lookup16(d, shift + 4 * t, tj + 16 * t));
+  return r;
+}
+
+template <int NB, int NIB>
+static void lookup_nb(const LookupArgs& a) {
+  for (int c = 0; c < 8; ++c) {
+    for (int64_t g = 0; g < a.ng;) {
+      const int64_t blk = (a.g_abs + g) / a.gpb;
+      int64_t gend = (blk + 1) * a.gpb - a.g_abs;
+      if (gend > a.ng) gend = a.ng;
+      __m256 accs[NB], accp[NB];
+      for (int j = 0; j < NB; ++j) accs[j] = accp[j] = _mm256_setzero_ps();
+      for (; g < gend; ++g) {
+        const __m256i d = _mm256_load_si256(reinterpret_cast<const __m256i*>(a.D + g * kTileRows + 8 * c));
+        const float* tg = a.tables + g * a.table_stride;
+        for (int j = 0; j < NB; ++j) {
+          accs[j] = _mm256_add_ps(accs[j], nibble_sum<NIB>(d, 0, tg + j * NIB * 16));
+          accp[j] = _mm256_add_ps(accp[j], nibble_sum<NIB>(d, 16, tg + j * NIB * 16));
+        }
+      }
+      const float* sc = a.scales + (blk - a.blk0) * 2 * kTileRows + 8 * c;
+      const __m256 as = _mm256_loadu_ps(sc), ap = _mm256_loadu_ps(sc + kTileRows);
+      for (int j = 0; j < NB; ++j) {
+        float* o = a.acc + j * kTileRows + 8 * c;
+        _mm256_storeu_ps(o, _mm256_fmadd_ps(accs[j], as, _mm256_fmadd_ps(accp[j], ap, _mm256_loadu_ps(o))));
+      }
+    }
+  }
+}
+
+template <int NIB>
+static void lookup_nib(const LookupArgs& a) {
+  switch (a.nb) {
+    case 1: lookup_nb<1, NIB>(a); break;
+    case 2: lookup_nb<2, NIB>(a); break;
+    case 3: lookup_nb<3, NIB>(a); break;
+    default: lookup_nb<4, NIB>(a); break;
+  }
+}
+
+void lookup(const LookupArgs& a) {
+  if (a.nib == 1) {
+    lookup_nib<1>(a);
+  } else if (a.nib == 2) {
+    lookup_nib<2>(a);
+  } else {
+    lookup_nib<4>(a);
+  }
+}
+
+void expand_bf16(const ExpandArgs& a) { expand_bf16_generic(a); }
+
+}  // namespace pbs2p::avx2
+
+#pragma GCC pop_options

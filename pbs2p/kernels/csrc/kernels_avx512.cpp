@@ -1,0 +1,338 @@
+// AVX-512 kernels (F, BW, VL, DQ, VBMI): called only after a run-time CPU check.
+//
+// Decode: the 64 rows of one group at once. vpermb + vpmultishiftqb extract the idx and sign
+// fields into bytes, vpermi2b turns idx into S, two 256-entry byte tables give
+// P = pdep(signs, S) one nibble at a time, and vpermt2b spreads (S, P) into dwords D.
+// Lookup: vpermps indexes the 16-entry fp32 subset-sum table of each nibble of activations
+// with a nibble of D, for 16 rows per instruction.
+#include <immintrin.h>
+
+#include "kernels.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx2,fma,bmi,bmi2,popcnt")
+
+namespace pbs2p::avx512 {
+
+const int kMaxNb = 8;
+
+int table_floats(int m) { return m / 4 * 16; }
+
+// Activation i of a float32 or bfloat16 (bits) array, as float (internal linkage: see kernels.h).
+static inline float activation(const void* x, bool x_bf16, int64_t i) {
+  if (!x_bf16) return static_cast<const float*>(x)[i];
+  const uint32_t bits = static_cast<uint32_t>(static_cast<const uint16_t*>(x)[i]) << 16;
+  float v;
+  __builtin_memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
+void build_tables(const void* x, bool x_bf16, int64_t ldx, int64_t B, int m, int64_t g0, int64_t g1,
+                  float* tables) {
+  const int nib = m / 4;
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  __m512 bit[4];
+  for (int j = 0; j < 4; ++j) {
+    bit[j] = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(lane, j), _mm512_set1_epi32(1)));
+  }
+  for (int64_t g = g0; g < g1; ++g) {
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t xi = b * ldx + g * m;
+      float* tb = tables + (g * B + b) * nib * 16;
+      for (int t = 0; t < nib; ++t) {
+        __m512 v = _mm512_mul_ps(_mm512_set1_ps(activation(x, x_bf16, xi + 4 * t)), bit[0]);
+        v = _mm512_fmadd_ps(_mm512_set1_ps(activation(x, x_bf16, xi + 4 * t + 1)), bit[1], v);
+        v = _mm512_fmadd_ps(_mm512_set1_ps(activation(x, x_bf16, xi + 4 * t + 2)), bit[2], v);
+        v = _mm512_fmadd_ps(_mm512_set1_ps(activation(x, x_bf16, xi + 4 * t + 3)), bit[3], v);
+        _mm512_storeu_ps(tb + 16 * t, v);
+      }
+    }
+  }
+}
+
+// Decode constants, loaded once per call.
+struct Dec {
+  __m512i gi, gs, shi, shlo, shhi, ts0, ts1, t1[4], t2[4], dx[4], f0, js, jp, jm;
+  __mmask64 lmi, lms;
+  int bb, ib;
+};
+
+static inline Dec load_dec(const NMTables& t) {
+  Dec c;
+  c.gi = _mm512_load_si512(t.gather_idx);
+  c.gs = _mm512_load_si512(t.gather_sgn);
+  c.shi = _mm512_load_si512(t.shift_idx);
+  c.shlo = _mm512_load_si512(t.shift_slo);
+  c.shhi = _mm512_load_si512(t.shift_shi);
+  c.ts0 = _mm512_load_si512(t.ts);
+  c.ts1 = _mm512_load_si512(t.ts + 64);
+  for (int i = 0; i < 4; ++i) {
+    c.t1[i] = _mm512_load_si512(t.t1 + 64 * i);
+    c.t2[i] = _mm512_load_si512(t.t2 + 64 * i);
+    c.dx[i] = _mm512_load_si512(t.dexp[i]);
+  }
+  c.f0 = _mm512_set1_epi8(static_cast<char>(0xF0));
+  c.js = _mm512_load_si512(t.js);
+  c.jp = _mm512_load_si512(t.jp);
+  c.jm = _mm512_set1_epi8(static_cast<char>(t.jmask));
+  c.lmi = t.idx_load_mask;
+  c.lms = t.sgn_load_mask;
+  c.bb = t.block_bytes;
+  c.ib = t.idx_bytes;
+  return c;
+}
+
+// S and P (bytes, one per row) of the 64 rows of one block.
+template <int M>
+static inline void decode_block(const Dec& c, const uint8_t* blk, __m512i& S, __m512i& P) {
+  const __m512i ia = _mm512_maskz_loadu_epi8(c.lmi, blk);
+  const __m512i sa = _mm512_maskz_loadu_epi8(c.lms, blk + c.ib);
+  const __m512i idx = _mm512_multishift_epi64_epi8(c.shi, _mm512_permutexvar_epi8(c.gi, ia));
+  const __m512i sq = _mm512_permutexvar_epi8(c.gs, sa);
+  if (M == 8) {
+    S = _mm512_permutex2var_epi8(c.ts0, idx, c.ts1);
+    const __m512i slo = _mm512_multishift_epi64_epi8(c.shlo, sq);
+    const __m512i shv = _mm512_multishift_epi64_epi8(c.shhi, sq);
+    // 0xE4: (a & c) | (b & ~c): high nibble from a, low nibble from b.
+    const __m512i i1 = _mm512_ternarylogic_epi32(_mm512_slli_epi16(S, 4), slo, c.f0, 0xE4);
+    const __m512i i2 = _mm512_ternarylogic_epi32(S, shv, c.f0, 0xE4);
+    const __m512i pl = _mm512_mask_blend_epi8(_mm512_movepi8_mask(i1), _mm512_permutex2var_epi8(c.t1[0], i1, c.t1[1]),
+                                              _mm512_permutex2var_epi8(c.t1[2], i1, c.t1[3]));
+    const __m512i ph = _mm512_mask_blend_epi8(_mm512_movepi8_mask(i2), _mm512_permutex2var_epi8(c.t2[0], i2, c.t2[1]),
+                                              _mm512_permutex2var_epi8(c.t2[2], i2, c.t2[3]));
+    P = _mm512_or_si512(pl, ph);
+  } else {
+    const __m512i s = _mm512_multishift_epi64_epi8(c.shlo, sq);
+    const __m512i j = _mm512_ternarylogic_epi32(idx, s, c.jm, 0xE4);  // idx is pre-shifted by n
+    S = _mm512_permutexvar_epi8(j, c.js);
+    P = _mm512_permutexvar_epi8(j, c.jp);
+  }
+}
+
+template <int M>
+static void decode_m(const NMTables& t, const uint8_t* blocks, int64_t ng, uint32_t* D) {
+  const Dec c = load_dec(t);
+  for (int64_t g = 0; g < ng; ++g) {
+    __m512i S, P;
+    decode_block<M>(c, blocks + g * c.bb, S, P);
+    uint32_t* d = D + g * kTileRows;
+    for (int i = 0; i < 4; ++i) _mm512_store_si512(d + 16 * i, _mm512_permutex2var_epi8(S, c.dx[i], P));
+  }
+}
+
+void decode(const NMTables& t, const uint8_t* blocks, int64_t ng, uint32_t* D) {
+  if (t.m == 8) {
+    decode_m<8>(t, blocks, ng, D);
+  } else if (t.m == 4) {
+    decode_m<4>(t, blocks, ng, D);
+  } else {
+    decode_generic(t, blocks, ng, D);
+  }
+}
+
+// Sum over the nibbles of S (or P, shift 16) of table[nibble t][that nibble of d].
+template <int NIB>
+static inline __m512 nibble_sum(__m512i d, int shift, const float* tj) {
+  __m512 r = _mm512_permutexvar_ps(shift ? _mm512_srli_epi32(d, shift) : d, _mm512_loadu_ps(tj));
+  if (NIB >= 2) {
+    r = _mm512_add_ps(r, _mm512_permutexvar_ps(_mm512_srli_epi32(d, shift + 4), _mm512_loadu_ps(tj + 16)));
+  }
+  if (NIB == 4) {
+    const __m512 r2 = _mm512_add_ps(
+        _mm512_permutexvar_ps(_mm512_srli_epi32(d, shift + 8), _mm512_loadu_ps(tj + 32)),
+        _mm512_permutexvar_ps(_mm512_srli_epi32(d, shift + 12), _mm512_loadu_ps(tj + 48)));
+    r = _mm512_add_ps(r, r2);
+  }
+  return r;
+}
+
+template <int NB, int NIB>
+static void lookup_nb(const LookupArgs& a) {
+  for (int c = 0; c < 4; ++c) {
+    for (int64_t g = 0; g < a.ng;) {
+      const int64_t blk = (a.g_abs + g) / a.gpb;
+      int64_t gend = (blk + 1) * a.gpb - a.g_abs;
+      if (gend > a.ng) gend = a.ng;
+      __m512 accs[NB], accp[NB];
+      for (int j = 0; j < NB; ++j) accs[j] = accp[j] = _mm512_setzero_ps();
+      for (; g < gend; ++g) {
+        const __m512i d = _mm512_load_si512(a.D + g * kTileRows + 16 * c);
+        const float* tg = a.tables + g * a.table_stride;
+        for (int j = 0; j < NB; ++j) {
+          accs[j] = _mm512_add_ps(accs[j], nibble_sum<NIB>(d, 0, tg + j * NIB * 16));
+          accp[j] = _mm512_add_ps(accp[j], nibble_sum<NIB>(d, 16, tg + j * NIB * 16));
+        }
+      }
+      const float* sc = a.scales + (blk - a.blk0) * 2 * kTileRows + 16 * c;
+      const __m512 as = _mm512_loadu_ps(sc), ap = _mm512_loadu_ps(sc + kTileRows);
+      for (int j = 0; j < NB; ++j) {
+        float* o = a.acc + j * kTileRows + 16 * c;
+        _mm512_storeu_ps(o, _mm512_fmadd_ps(accs[j], as, _mm512_fmadd_ps(accp[j], ap, _mm512_loadu_ps(o))));
+      }
+    }
+  }
+}
+
+// Batch 1: decode and look up without storing D (m = 4, 8; the driver uses it for m = 4).
+template <int M>
+static void decode_lookup1_m(const NMTables& t, const uint8_t* blocks, const LookupArgs& a) {
+  const Dec c = load_dec(t);
+  for (int64_t g = 0; g < a.ng;) {
+    const int64_t blk = (a.g_abs + g) / a.gpb;
+    int64_t gend = (blk + 1) * a.gpb - a.g_abs;
+    if (gend > a.ng) gend = a.ng;
+    __m512 accs[4], accp[4];
+    for (int i = 0; i < 4; ++i) accs[i] = accp[i] = _mm512_setzero_ps();
+    for (; g < gend; ++g) {
+      __m512i S, P;
+      decode_block<M>(c, blocks + g * c.bb, S, P);
+      const float* tg = a.tables + g * a.table_stride;
+      for (int i = 0; i < 4; ++i) {
+        const __m512i d = _mm512_permutex2var_epi8(S, c.dx[i], P);
+        accs[i] = _mm512_add_ps(accs[i], nibble_sum<M / 4>(d, 0, tg));
+        accp[i] = _mm512_add_ps(accp[i], nibble_sum<M / 4>(d, 16, tg));
+      }
+    }
+    const float* sc = a.scales + (blk - a.blk0) * 2 * kTileRows;
+    for (int i = 0; i < 4; ++i) {
+      float* o = a.acc + 16 * i;
+      const __m512 as = _mm512_loadu_ps(sc + 16 * i), ap = _mm512_loadu_ps(sc + kTileRows + 16 * i);
+      _mm512_storeu_ps(o, _mm512_fmadd_ps(accs[i], as, _mm512_fmadd_ps(accp[i], ap, _mm512_loadu_ps(o))));
+    }
+  }
+}
+
+void decode_lookup1(const NMTables& t, const uint8_t* blocks, const LookupArgs& a) {
+  if (t.m == 8) {
+    decode_lookup1_m<8>(t, blocks, a);
+  } else {
+    decode_lookup1_m<4>(t, blocks, a);
+  }
+}
+
+// One batch row: all 4 chunks of 16 rows per group, the group's tables held in registers.
+template <int NIB>
+static void lookup_one(const LookupArgs& a) {
+  for (int64_t g = 0; g < a.ng;) {
+    const int64_t blk = (a.g_abs + g) / a.gpb;
+    int64_t gend = (blk + 1) * a.gpb - a.g_abs;
+    if (gend > a.ng) gend = a.ng;
+    __m512 accs[4], accp[4];
+    for (int c = 0; c < 4; ++c) accs[c] = accp[c] = _mm512_setzero_ps();
+    for (; g < gend; ++g) {
+      const float* tg = a.tables + g * a.table_stride;
+      __m512 tab[NIB];
+      for (int t = 0; t < NIB; ++t) tab[t] = _mm512_loadu_ps(tg + 16 * t);
+      for (int c = 0; c < 4; ++c) {
+        const __m512i d = _mm512_load_si512(a.D + g * kTileRows + 16 * c);
+        __m512 s = _mm512_permutexvar_ps(d, tab[0]);
+        __m512 p = _mm512_permutexvar_ps(_mm512_srli_epi32(d, 16), tab[0]);
+        for (int t = 1; t < NIB; ++t) {
+          s = _mm512_add_ps(s, _mm512_permutexvar_ps(_mm512_srli_epi32(d, 4 * t), tab[t]));
+          p = _mm512_add_ps(p, _mm512_permutexvar_ps(_mm512_srli_epi32(d, 16 + 4 * t), tab[t]));
+        }
+        accs[c] = _mm512_add_ps(accs[c], s);
+        accp[c] = _mm512_add_ps(accp[c], p);
+      }
+    }
+    const float* sc = a.scales + (blk - a.blk0) * 2 * kTileRows;
+    for (int c = 0; c < 4; ++c) {
+      float* o = a.acc + 16 * c;
+      const __m512 as = _mm512_loadu_ps(sc + 16 * c), ap = _mm512_loadu_ps(sc + kTileRows + 16 * c);
+      _mm512_storeu_ps(o, _mm512_fmadd_ps(accs[c], as, _mm512_fmadd_ps(accp[c], ap, _mm512_loadu_ps(o))));
+    }
+  }
+}
+
+template <int NIB>
+static void lookup_nib(const LookupArgs& a) {
+  switch (a.nb) {
+    case 1: lookup_one<NIB>(a); break;
+    case 2: lookup_nb<2, NIB>(a); break;
+    case 3: lookup_nb<3, NIB>(a); break;
+    case 4: lookup_nb<4, NIB>(a); break;
+    case 5: lookup_nb<5, NIB>(a); break;
+    case 6: lookup_nb<6, NIB>(a); break;
+    case 7: lookup_nb<7, NIB>(a); break;
+    default: lookup_nb<8, NIB>(a); break;
+  }
+}
+
+void lookup(const LookupArgs& a) {
+  if (a.nib == 1) {
+    lookup_nib<1>(a);
+  } else if (a.nib == 2) {
+    lookup_nib<2>(a);
+  } else {
+    lookup_nib<4>(a);
+  }
+}
+
+// Every row's kept / positive bits of 32 columns (32 / M groups) as two dwords, for 16 rows.
+template <int M>
+static inline void row_masks(const uint32_t* d, __m512i& S, __m512i& P) {
+  S = _mm512_setzero_si512();
+  P = _mm512_setzero_si512();
+  for (int j = 0; j < 32 / M; ++j) {
+    const __m512i v = _mm512_load_si512(d + j * kTileRows);
+    const __m512i field = _mm512_set1_epi32(static_cast<int>(((1ull << M) - 1) << (M * j)));
+    const __m512i ps = M * j >= 16 ? _mm512_slli_epi32(v, M * j - 16) : _mm512_srli_epi32(v, 16 - M * j);
+    S = _mm512_ternarylogic_epi32(S, _mm512_slli_epi32(v, M * j), field, 0xF8);  // S | (v' & field)
+    P = _mm512_ternarylogic_epi32(P, ps, field, 0xF8);
+  }
+}
+
+// 32 columns per store: every row's 32-bit masks of kept and positive weights select w+ / w- / 0.
+template <int M>
+static void expand_m(const ExpandArgs& a) {
+  constexpr int kGroups = 32 / M;
+  const int64_t units = a.ng / kGroups;
+  alignas(64) uint32_t sm[16 * kTileRows], pm[16 * kTileRows];  // 16 units at a time
+  for (int64_t u0 = 0; u0 < units; u0 += 16) {
+    const int64_t nu = units - u0 < 16 ? units - u0 : 16;
+    for (int64_t u = 0; u < nu; ++u) {
+      for (int c = 0; c < 4; ++c) {
+        __m512i S, P;
+        row_masks<M>(a.D + (u0 + u) * kGroups * kTileRows + 16 * c, S, P);
+        _mm512_store_si512(sm + u * 64 + 16 * c, S);
+        _mm512_store_si512(pm + u * 64 + 16 * c, P);
+      }
+    }
+    for (int r = 0; r < a.rows; ++r) {
+      uint16_t* o = a.out + r * a.ld + u0 * 32;
+      for (int64_t u = 0; u < nu; ++u) {
+        const int64_t g = a.g_abs + (u0 + u) * kGroups;
+        const uint16_t* w = a.w + (g / a.gpb - a.blk0) * 2 * kTileRows;
+        const __m512i v = _mm512_mask_blend_epi16(static_cast<__mmask32>(pm[u * 64 + r]),
+                                                  _mm512_set1_epi16(static_cast<short>(w[kTileRows + r])),
+                                                  _mm512_set1_epi16(static_cast<short>(w[r])));
+        _mm512_storeu_si512(o + 32 * u, _mm512_maskz_mov_epi16(static_cast<__mmask32>(sm[u * 64 + r]), v));
+      }
+    }
+  }
+  if (units * kGroups < a.ng) {
+    ExpandArgs rest = a;
+    rest.D = a.D + units * kGroups * kTileRows;
+    rest.ng = a.ng - units * kGroups;
+    rest.g_abs = a.g_abs + units * kGroups;
+    rest.out = a.out + units * 32;
+    expand_bf16_generic(rest);
+  }
+}
+
+void expand_bf16(const ExpandArgs& a) {
+  // A unit of 32 columns must lie in one scale block.
+  if (a.gpb % (32 / a.m) != 0 && a.gpb < a.g_abs + a.ng) {
+    expand_bf16_generic(a);
+  } else if (a.m == 8) {
+    expand_m<8>(a);
+  } else if (a.m == 4) {
+    expand_m<4>(a);
+  } else {
+    expand_m<16>(a);
+  }
+}
+
+}  // namespace pbs2p::avx512
+
+#pragma GCC pop_options

@@ -1,0 +1,184 @@
+"""The native CPU operator ``pbs2p::bsp_linear``: JIT build of ``csrc/``, loading, ``register_fake``.
+
+The C++ sources ship with the package and are compiled on first use (never at install time) with
+``torch.utils.cpp_extension.load`` into ``$PBS2P_KERNEL_CACHE`` (default ``~/.cache/pbs2p/kernels``),
+in a directory keyed on the sources, the torch version and the compiler flags. Nothing is compiled
+for the build machine's CPU: the AVX-512 and AVX2 kernels are compiled with per-function target
+attributes and chosen at run time, so one cached build serves every x86-64 CPU.
+
+The first build takes about a minute (``build_seconds()`` says how long it took). Where it fails
+(no compiler, no ninja, a non-x86 CPU) :func:`load` returns ``False`` and warns once; the callers
+then use the torch path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import platform
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from . import packing
+
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = (
+    "bsp_linear.cpp",
+    "work_pool.cpp",
+    "nm_tables.cpp",
+    "kernels_scalar.cpp",
+    "kernels_avx2.cpp",
+    "kernels_avx512.cpp",
+)
+HEADERS = ("kernels.h", "work_pool.h")
+CFLAGS = ("-O3", "-fno-math-errno")
+LDFLAGS: tuple[str, ...] = ()
+
+_lock = threading.Lock()
+_loaded: bool | None = None
+_build_seconds: float | None = None
+_isa: str | None = None
+
+
+def cache_dir() -> Path:
+    """Root of the build cache: ``$PBS2P_KERNEL_CACHE`` or ``~/.cache/pbs2p/kernels``."""
+    env = os.environ.get("PBS2P_KERNEL_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "pbs2p" / "kernels"
+
+
+def _build_key() -> str:
+    digest = hashlib.sha256()
+    for name in SOURCES + HEADERS:
+        digest.update(name.encode())
+        digest.update((CSRC / name).read_bytes())
+    digest.update(" ".join(CFLAGS + LDFLAGS).encode())
+    digest.update(torch.__version__.encode())
+    return digest.hexdigest()[:16]
+
+
+def _build() -> None:
+    global _build_seconds
+    from torch.utils.cpp_extension import load as cpp_load
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        raise RuntimeError(f"the native kernels are x86-64 only, this machine is {platform.machine()}")
+    key = _build_key()
+    directory = cache_dir() / key
+    directory.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    cpp_load(
+        name=f"pbs2p_kernels_{key}",
+        sources=[str(CSRC / name) for name in SOURCES],
+        extra_cflags=list(CFLAGS),
+        extra_ldflags=list(LDFLAGS),
+        build_directory=str(directory),
+        is_python_module=False,
+        verbose=False,
+    )
+    _build_seconds = time.perf_counter() - start
+
+
+def load() -> bool:
+    """Build (first use only) and load the operator; ``False``, after one warning, where that fails."""
+    global _loaded
+    if _loaded is not None:
+        return _loaded
+    with _lock:
+        if _loaded is None:
+            try:
+                _build()
+                torch.library.register_fake("pbs2p::bsp_linear")(_fake_bsp_linear)
+                torch.library.register_autograd(
+                    "pbs2p::bsp_linear", _backward_bsp_linear, setup_context=_setup_bsp_linear
+                )
+                _loaded = True
+            except Exception as err:  # no compiler, no ninja, failed build: the torch path runs
+                warnings.warn(
+                    f"pbs2p: the native CPU kernels are unavailable ({type(err).__name__}: {err}); "
+                    "bsp_linear uses the torch path",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                _loaded = False
+    return _loaded
+
+
+def build_seconds() -> float | None:
+    """Seconds the last :func:`load` spent building or loading from the cache (``None`` before)."""
+    return _build_seconds
+
+
+def _fake_bsp_linear(x, codes, alpha, mu, bias, n, m, scale_block):  # noqa: ANN001, ANN202
+    torch._check(x.shape[-1] == codes.shape[1] * m, lambda: "in_features do not match codes")
+    return x.new_empty((*x.shape[:-1], alpha.shape[0]))
+
+
+def _setup_bsp_linear(ctx, inputs, output) -> None:  # noqa: ANN001
+    x, codes, alpha, mu, bias, n, m, scale_block = inputs
+    ctx.save_for_backward(x, codes, alpha, mu, bias)
+    ctx.pattern = (n, m, scale_block)
+
+
+def _backward_bsp_linear(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN202
+    """Gradients of ``x @ W_hat.T + bias`` in plain torch ops (``W_hat = kept * (alpha * t + mu)``)."""
+    x, codes, alpha, mu, bias = ctx.saved_tensors
+    n, m, scale_block = ctx.pattern
+    need = ctx.needs_input_grad
+    out, k = alpha.shape[0], x.shape[-1]
+    grad_x = grad_alpha = grad_mu = grad_bias = None
+    if need[0]:
+        grad_x = grad @ packing.dequantize(codes, alpha, mu, n, m, scale_block, dtype=grad.dtype)
+    if need[2] or need[3]:
+        dw = grad.reshape(-1, out).float().T @ x.reshape(-1, k).float()  # dL/dW_hat
+        ternary = packing.unpack_ternary(codes, n, m, out).float()
+        blocks = alpha.shape[1]
+
+        def per_block(v: torch.Tensor) -> torch.Tensor:
+            if blocks == 1:
+                return v.sum(-1, keepdim=True)
+            padded = torch.nn.functional.pad(v, (0, blocks * scale_block - k))
+            return padded.unflatten(-1, (blocks, -1)).sum(-1)
+
+        if need[2]:
+            grad_alpha = per_block(dw * ternary).to(alpha.dtype)
+        if need[3]:
+            grad_mu = per_block(dw * ternary.abs()).to(mu.dtype)
+    if bias is not None and need[4]:
+        grad_bias = grad.reshape(-1, out).sum(0).to(bias.dtype)
+    return grad_x, None, grad_alpha, grad_mu, grad_bias, None, None, None
+
+
+def isa() -> str:
+    """ISA of the kernels the operator runs: ``"avx512"``, ``"avx2"`` or ``"scalar"`` (needs :func:`load`)."""
+    global _isa
+    if _isa is None:
+        _isa = torch.ops.pbs2p._kernel_isa()
+    return _isa
+
+
+def supported_isas() -> list[str]:
+    """ISAs whose kernels this CPU can run, e.g. ``["scalar", "avx2", "avx512"]`` (needs :func:`load`)."""
+    return list(torch.ops.pbs2p._supported_kernel_isas())
+
+
+def set_isa(name: str) -> str:
+    """Run the ``name`` kernels: ``avx512``, ``avx2``, ``scalar`` or ``best``; raises if the CPU lacks it."""
+    global _isa
+    _isa = torch.ops.pbs2p._set_kernel_isa(name)
+    return _isa
+
+
+@contextlib.contextmanager
+def use_isa(name: str) -> Iterator[str]:
+    """Context manager around :func:`set_isa` that restores the previous ISA on exit (tests, benchmarks)."""
+    previous = isa()
+    try:
+        yield set_isa(name)
+    finally:
+        set_isa(previous)

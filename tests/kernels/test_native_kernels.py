@@ -1,0 +1,227 @@
+"""The native operator ``pbs2p::bsp_linear`` against the torch reference, on every ISA this CPU runs.
+
+The first test to run builds the operator (about 15 s on 2 cores; cached afterwards).
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pbs2p.kernels import native, ops, packing
+from pbs2p.kernels.reference import reference_linear
+
+NM = [(2, 4), (4, 8), (5, 8), (6, 8), (1, 4), (3, 4), (3, 8), (7, 8), (8, 16), (3, 16)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built() -> None:
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler: the native operator cannot be built here")
+    assert native.load(), "the native operator failed to build"
+
+
+def isas() -> list[str]:
+    native.load()
+    return native.supported_isas()
+
+
+def random_weight(
+    out: int, k: int, n: int, m: int, scale_block: int, dtype: torch.dtype, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Packed codes of a random N:M mask and signs, with random alpha > 0 and mu."""
+    g = torch.Generator().manual_seed(seed)
+    top = torch.rand(out, k // m, m, generator=g).topk(n, -1).indices
+    mask = torch.zeros(out, k // m, m, dtype=torch.bool).scatter_(-1, top, True).reshape(out, k)
+    signs = torch.rand(out, k, generator=g) > 0.5
+    blocks = -(-k // scale_block)
+    alpha = (torch.rand(out, blocks, generator=g) + 0.05).to(dtype)
+    mu = (0.2 * torch.randn(out, blocks, generator=g)).to(dtype)
+    return packing.pack(mask, signs, n, m), alpha, mu
+
+
+def assert_close_to_reference(y, x, codes, alpha, mu, bias, n, m, scale_block) -> None:
+    """``y`` within ``ops.TOLERANCE`` of the reference, scaled by ``|x| @ |W_hat|.T + |bias|``."""
+    ref = reference_linear(x, codes, alpha, mu, bias, n, m, scale_block)
+    assert y.dtype == x.dtype and y.shape == ref.shape
+    w = packing.dequantize(codes, alpha, mu, n, m, scale_block, dtype=torch.float32)
+    scale = x.float().abs() @ w.abs().T
+    if bias is not None:
+        scale = scale + bias.float().abs()
+    err = (y.float() - ref.float()).abs()
+    bound = ops.TOLERANCE[x.dtype] * scale + 1e-30
+    worst = (err / bound).max().item() if err.numel() else 0.0
+    assert worst <= 1.0, f"error {worst:.3g} x the tolerance"
+
+
+@given(
+    nm=st.sampled_from(NM),
+    out=st.integers(1, 150),
+    groups=st.integers(1, 40),
+    batch=st.sampled_from([(1,), (3,), (17,), (2, 3), (1, 1, 5), (70,)]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    scale_dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    blocks_of=st.integers(0, 6),
+    with_bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_matches_reference_on_every_isa(nm, out, groups, batch, dtype, scale_dtype, blocks_of, with_bias, seed):
+    n, m = nm
+    k = groups * m
+    scale_block = k if blocks_of == 0 else blocks_of * m  # per row, or blocks of whole groups
+    codes, alpha, mu = random_weight(out, k, n, m, scale_block, scale_dtype, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(*batch, k, generator=g).to(dtype)
+    bias = torch.randn(out, generator=g).to(dtype) if with_bias else None
+    for isa in isas():
+        with native.use_isa(isa):
+            y = torch.ops.pbs2p.bsp_linear(x, codes, alpha, mu, bias, n, m, scale_block)
+        assert_close_to_reference(y, x, codes, alpha, mu, bias, n, m, scale_block)
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize(("n", "m"), [(4, 8), (2, 4)])
+def test_large_batch_spans_several_k_chunks(isa, n, m):
+    # 64 batch rows: the tables of 32 groups fill the chunk budget, so K = 1000 takes several chunks,
+    # and scale blocks of 96 columns straddle their boundaries.
+    if isa not in isas():
+        pytest.skip(f"this CPU has no {isa}")
+    out, k = 131, 1000
+    codes, alpha, mu = random_weight(out, k, n, m, 96, torch.float32, 0)
+    x = torch.randn(64, k)
+    bias = torch.randn(out)
+    with native.use_isa(isa):
+        y = torch.ops.pbs2p.bsp_linear(x, codes, alpha, mu, bias, n, m, 96)
+    assert_close_to_reference(y, x, codes, alpha, mu, bias, n, m, 96)
+
+
+@pytest.mark.parametrize("batch", [1, 16, 64])
+def test_threads_give_the_same_result(batch):
+    # Large enough for the helper threads (several row tiles per item when batch = 64).
+    codes, alpha, mu = random_weight(1000, 1024, 4, 8, 128, torch.float32, 4)
+    x = torch.randn(batch, 1024)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = torch.ops.pbs2p.bsp_linear(x, codes, alpha, mu, None, 4, 8, 128)
+        torch.set_num_threads(4)
+        parallel = torch.ops.pbs2p.bsp_linear(x, codes, alpha, mu, None, 4, 8, 128)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(serial, parallel)
+    assert_close_to_reference(parallel, x, codes, alpha, mu, None, 4, 8, 128)
+
+
+@pytest.mark.parametrize("scale_block", [0, 64, 256, 2000])
+@pytest.mark.parametrize(("n", "m"), [(4, 8), (2, 4), (8, 16), (5, 8)])
+def test_bf16_prefill_path(monkeypatch, n, m, scale_block):
+    # bf16 activations from PBS2P_BLAS_MIN_BATCH rows on take the expand-to-bf16 + BLAS path (AVX-512
+    # CPUs with bf16 dot products; elsewhere this runs the lookup kernels): the same bf16 W_hat and
+    # the same GEMM as the torch path.
+    monkeypatch.setenv("PBS2P_BLAS_MIN_BATCH", "2")
+    scale_block = scale_block or m  # 0: one group per block
+    k = 2000 if scale_block == 2000 else 768
+    codes, alpha, mu = random_weight(200, k, n, m, scale_block, torch.bfloat16, 3)
+    x = torch.randn(3, 5, k, dtype=torch.bfloat16)
+    bias = torch.randn(200, dtype=torch.bfloat16)
+    y = torch.ops.pbs2p.bsp_linear(x, codes, alpha, mu, bias, n, m, scale_block)
+    assert_close_to_reference(y, x, codes, alpha, mu, bias, n, m, scale_block)
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+def test_every_kept_set_and_sign_pattern(isa):
+    # All C(8, n) kept sets x all 2^n sign patterns, one per row, against the dense weight, per ISA.
+    if isa not in isas():
+        pytest.skip(f"this CPU has no {isa}")
+    for n in range(1, 8):
+        t = packing.nm_tables(n, 8)
+        kept = t.kept.repeat_interleave(2**n, 0)  # [C * 2^n, 8]
+        sign_bits = torch.arange(2**n).repeat(t.kept.shape[0])
+        signs = ((sign_bits.unsqueeze(1) >> t.sign_rank.repeat_interleave(2**n, 0)) & 1).bool() & kept
+        codes = packing.pack(kept, signs, n, 8)
+        alpha, mu = torch.full((len(kept), 1), 0.5), torch.full((len(kept), 1), 0.25)
+        x = torch.tensor([[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]])
+        with native.use_isa(isa):
+            y = torch.ops.pbs2p.bsp_linear(x, codes, alpha, mu, None, n, 8, 8)
+        # powers of two: every sum is exact in fp32, so the kernel must be bit-exact
+        assert torch.equal(y, reference_linear(x, codes, alpha, mu, None, n, 8, 8))
+
+
+def test_edge_shapes():
+    codes, alpha, mu = random_weight(1, 8, 4, 8, 8, torch.float32, 0)
+    assert torch.ops.pbs2p.bsp_linear(torch.randn(0, 8), codes, alpha, mu, None, 4, 8, 8).shape == (0, 1)
+    x = torch.randn(8)  # no batch dimension
+    y = torch.ops.pbs2p.bsp_linear(x, codes, alpha, mu, None, 4, 8, 8)
+    assert_close_to_reference(y, x, codes, alpha, mu, None, 4, 8, 8)
+    x = torch.randn(4, 5, 8).transpose(0, 1)  # not contiguous
+    y = torch.ops.pbs2p.bsp_linear(x, codes, alpha, mu, None, 4, 8, 8)
+    assert_close_to_reference(y, x, codes, alpha, mu, None, 4, 8, 8)
+
+
+def test_rejects_inconsistent_inputs():
+    codes, alpha, mu = random_weight(70, 64, 4, 8, 64, torch.float32, 0)
+    x = torch.randn(2, 64)
+    with pytest.raises(RuntimeError, match="do not hold"):
+        torch.ops.pbs2p.bsp_linear(x, codes, alpha, mu, None, 2, 4, 64)
+    with pytest.raises(RuntimeError, match="not a multiple"):
+        torch.ops.pbs2p.bsp_linear(torch.randn(2, 60), codes, alpha, mu, None, 4, 8, 64)
+    with pytest.raises(RuntimeError, match="blocks"):
+        torch.ops.pbs2p.bsp_linear(x, codes, alpha, mu, None, 4, 8, 32)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        torch.ops.pbs2p.bsp_linear(x.half(), codes, alpha, mu, None, 4, 8, 64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_opcheck(dtype, with_bias):
+    codes, alpha, mu = random_weight(70, 96, 4, 8, 32, torch.float32, 0)
+    x = torch.randn(3, 96, dtype=dtype)
+    bias = torch.randn(70, dtype=dtype) if with_bias else None
+    torch.library.opcheck(torch.ops.pbs2p.bsp_linear.default, (x, codes, alpha, mu, bias, 4, 8, 32))
+
+
+@pytest.mark.parametrize("scale_block", [32, 96])
+def test_gradients_match_the_torch_path(scale_block):
+    codes, alpha, mu = random_weight(70, 96, 4, 8, scale_block, torch.float32, 2)
+    bias = torch.randn(70)
+    x = torch.randn(2, 3, 96)
+    leaves = [t.clone().requires_grad_() for t in (x, alpha, mu, bias)]
+    native_out = ops.bsp_linear(leaves[0], codes, *leaves[1:3], leaves[3], 4, 8, scale_block)
+    ref_leaves = [t.clone().requires_grad_() for t in (x, alpha, mu, bias)]
+    ref_out = reference_linear(ref_leaves[0], codes, *ref_leaves[1:3], ref_leaves[3], 4, 8, scale_block)
+    grad = torch.randn_like(ref_out)
+    native_grads = torch.autograd.grad(native_out, leaves, grad)
+    ref_grads = torch.autograd.grad(ref_out, ref_leaves, grad)
+    for got, want in zip(native_grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    args = (leaves[0].detach().requires_grad_(), codes, alpha.requires_grad_(), mu, bias, 4, 8, scale_block)
+    torch.library.opcheck(torch.ops.pbs2p.bsp_linear.default, args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_is_one_node_and_matches_eager(dtype):
+    codes, alpha, mu = random_weight(100, 136, 2, 4, 136, torch.float32, 1)
+    bias = torch.randn(100)
+    x = torch.randn(2, 5, 136, dtype=dtype)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(ops.bsp_linear(x, codes, alpha, mu, bias, 2, 4, 136))
+
+    graphs = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend=backend)(x)
+    op = torch.ops.pbs2p.bsp_linear
+    calls = [nd for nd in graphs[0].graph.nodes if nd.target in (op, op.default)]
+    assert len(graphs) == 1 and len(calls) == 1
+    assert torch.equal(compiled, f(x))
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(f, fullgraph=True)(x), f(x))  # inductor
