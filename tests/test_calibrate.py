@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import snapshot_state, tiny_llama
+from tiny_models import snapshot_state, tiny_llama
 
 import pbs2p
 from pbs2p import PBS2P, BinarySparseTensor

@@ -7,7 +7,7 @@ import sys
 import textwrap
 
 import torch
-from conftest import tiny_llama
+from tiny_models import tiny_llama
 from torchao.quantization import quantize_
 
 from pbs2p import PBS2P, BinarySparseTensor
@@ -41,7 +41,7 @@ def test_state_dict_round_trip_in_fresh_process(tmp_path):
         sd = torch.load(os.path.join(sys_path, "sd.pt"), weights_only=True)
         ref = torch.load(os.path.join(sys_path, "ref.pt"), weights_only=True)
         import sys; sys.path.insert(0, {str(__import__("pathlib").Path(__file__).parent)!r})
-        from conftest import tiny_llama
+        from tiny_models import tiny_llama
         model = tiny_llama(seed=123)
         quantize_(model, pbs2p.PBS2P(n=4, m=8))
         model.load_state_dict(sd)

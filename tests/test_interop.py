@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama
+from tiny_models import tiny_llama
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torchao.core.config import config_from_dict, config_to_dict

@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import mlp, tiny_llama
+from tiny_models import mlp, tiny_llama
 from torchao.quantization import quantize_ as torchao_quantize_
 
 import pbs2p

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import NM_PATTERNS
+from tiny_models import NM_PATTERNS
 from hypothesis import given
 from hypothesis import strategies as st
 
