@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import tiny_llama
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tiny_models import tiny_llama
 from torchao.core.config import config_from_dict, config_to_dict
 from torchao.prototype.safetensors import safetensors_utils
 from torchao.quantization import quantize_

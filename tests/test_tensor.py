@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import NM_PATTERNS
 from hypothesis import given
 from hypothesis import strategies as st
+from tiny_models import NM_PATTERNS
 
 from pbs2p import BinarySparseTensor
 from pbs2p.kernels import packing
