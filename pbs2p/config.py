@@ -40,6 +40,24 @@ class PBS2P(AOBaseConfig):
             the average kept fraction exactly ``n / m``; ``False`` keeps ``n`` everywhere.
         n_low, n_high: bounds of a block's N under CFS (default ``n - 1`` and ``n + 1``, within
             ``[1, m - 1]``).
+        cfs_normalize: how CFS normalises the blocks' importances ``1/c_l``: by their ``"mean"`` (the
+            reading in PAPER.md) or their ``"median"`` (robust to a block with ``c ≈ 0``, see
+            :func:`pbs2p.algorithms.layer_importance`).
+        true_sequential: in :func:`pbs2p.calibrate`, compress a block's linears in stages (q/k/v, o,
+            gate/up, down), each stage calibrated on inputs that already pass through the compressed
+            earlier stages; ``False`` collects every linear's inputs from the uncompressed block.
+        fp_target: in :func:`pbs2p.calibrate`, fit each linear to the *full-precision* model's output
+            (``min ‖XWᵀ − X̂Ŵᵀ‖``, ``X`` the uncompressed model's inputs, ``X̂`` the actual ones), so
+            that each layer also corrects the drift of the compressed layers before it; ``False``
+            fits ``min ‖X̂(W − Ŵ)ᵀ‖`` (GPTQ's objective). Costs a second, full-precision forward stream.
+        tune_steps: in :func:`pbs2p.calibrate`, passes of Adam over the calibration batches that tune
+            every block's ``α, μ`` (masks and signs fixed, storage unchanged) on the block's output
+            (:mod:`pbs2p.pipeline.block_tune`); 0 = off.
+        tune_lr: Adam's learning rate for the tuning (on ``log α`` and on ``μ/α``).
+        tune_target: what a tuned block's output should match: ``"block"`` (the uncompressed block on
+            the same inputs) or ``"fp"`` (the full-precision model's hidden states; keeps a second,
+            full-precision forward stream).
+        tune_norms: also tune the block's own 1-D parameters (norm weights, biases; full precision).
         step: ``None`` converts now without data (H = I); ``"observe"`` attaches input observers,
             and a later ``"convert"`` compresses with the Hessians they collected.
         seed: seed of any random choice, for bit-identical results.
@@ -68,6 +86,13 @@ class PBS2P(AOBaseConfig):
     cfs: bool = True
     n_low: int | None = None
     n_high: int | None = None
+    cfs_normalize: str = "mean"
+    true_sequential: bool = False
+    fp_target: bool = False
+    tune_steps: int = 0
+    tune_lr: float = 1e-2
+    tune_target: str = "block"
+    tune_norms: bool = False
     step: str | None = None
     seed: int = 0
     version: int = 1
@@ -86,6 +111,14 @@ class PBS2P(AOBaseConfig):
                 raise ValueError(f"{name} must be a positive multiple of M = {self.m}, got {value}")
         if self.compensation not in COMPENSATIONS:
             raise ValueError(f"compensation must be one of {COMPENSATIONS}, got {self.compensation!r}")
+        if self.cfs_normalize not in ("mean", "median"):
+            raise ValueError(f"cfs_normalize must be 'mean' or 'median', got {self.cfs_normalize!r}")
+        if self.tune_steps < 0:
+            raise ValueError(f"tune_steps must be >= 0, got {self.tune_steps}")
+        if not self.tune_lr > 0:
+            raise ValueError(f"tune_lr must be > 0, got {self.tune_lr}")
+        if self.tune_target not in ("block", "fp"):
+            raise ValueError(f"tune_target must be 'block' or 'fp', got {self.tune_target!r}")
         if not self.damp > 0:
             raise ValueError(f"damp must be > 0, got {self.damp}")
         low, high = self.n_bounds()

@@ -19,22 +19,35 @@ Example:
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 
 _MAX_STATES = 2_000_000
 
 
-def layer_importance(cosine: Sequence[float], eps: float = 1e-3) -> list[float]:
-    """``I_l = (1/c_l) / mean_k(1/c_k)``; similarities are clamped to ``>= eps`` (≤ 0 = most important)."""
+NORMALIZATIONS = ("mean", "median")
+
+
+def layer_importance(cosine: Sequence[float], eps: float = 1e-3, normalize: str = "mean") -> list[float]:
+    """``I_l = (1/c_l) / mean_k(1/c_k)``; similarities are clamped to ``>= eps`` (≤ 0 = most important).
+
+    ``normalize="median"`` divides by the median of ``1/c_k`` instead: one block with ``c ≈ 0`` (SmolLM2's
+    first block has ``c = 0.006``: it turns embeddings into hidden states) makes the mean ≈ 6× every other
+    block's ``1/c``, so with ``"mean"`` every other block's ideal ``N·I_l`` falls below ``N_low`` and
+    which blocks get more weights is decided by the exact-average correction alone (ties, i.e. block
+    order). The median keeps a typical block at ``I ≈ 1``.
+    """
     if len(cosine) == 0:
         raise ValueError("need at least one layer")
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
     inv = []
     for c in cosine:
         if not math.isfinite(c):
             raise ValueError(f"cosine similarity must be finite, got {c}")
         inv.append(1.0 / max(float(c), eps))
-    mean = sum(inv) / len(inv)
-    return [x / mean for x in inv]
+    ref = sum(inv) / len(inv) if normalize == "mean" else statistics.median(inv)
+    return [x / ref for x in inv]
 
 
 def _step_costs(ideal: float, start: int, lo: int, hi: int, direction: int) -> list[float]:
@@ -55,6 +68,7 @@ def allocate_n(
     weights_per_layer: Sequence[int] | None = None,
     *,
     kind: str = "cosine",
+    normalize: str = "mean",
 ) -> list[int]:
     """Per-layer ``N_l`` (keep ``N_l`` of every ``m``) whose weighted mean is exactly ``n_target``.
 
@@ -64,9 +78,12 @@ def allocate_n(
         m: group size; bounds must satisfy ``1 <= n_low <= n_high <= m``.
         n_low, n_high: per-layer bounds.
         weights_per_layer: number of weights of each layer (default: all equal).
+        kind: what ``scores`` are.
+        normalize: ``"mean"`` or ``"median"`` normalisation of the cosine importances
+            (:func:`layer_importance`).
     """
     if kind == "cosine":
-        imp = layer_importance(scores)
+        imp = layer_importance(scores, normalize=normalize)
     elif kind == "importance":
         imp = [float(s) for s in scores]
         if not imp or any(not math.isfinite(x) or x < 0 for x in imp):

@@ -162,30 +162,8 @@ def compensated_sweep(
         a_cols = alpha[:, (torch.arange(s, e, device=dev) // sb)]
         u_cols = mu[:, (torch.arange(s, e, device=dev) // sb)]
         if compensation == "column":
-            Err = torch.zeros(out, e - s, device=dev)
-            for g0 in range(s, e, m):
-                g1 = g0 + m
-                gs = slice(g0 - s, g1 - s)
-                dynamic = lazy_mask and n < m and group_decision == "dynamic"
-                if lazy_mask and n < m and not dynamic:
-                    sc = _select_scores(W[:, g0:g1], a_cols[:, gs], u_cols[:, gs], 1, v[g0:g1], method)
-                    mask[:, g0:g1] = nm_mask_from_scores(sc, n, m)
-                left = torch.full((out,), m - n, dtype=torch.long, device=dev)
-                for j in range(g0, g1):
-                    jj = j - s
-                    if dynamic:  # re-score the group's remaining columns after each compensation step
-                        sc = _select_scores(W[:, j:g1], a_cols[:, jj:g1 - s], u_cols[:, jj:g1 - s], 1,
-                                            v[j:g1], method)
-                        below = (sc[:, 1:] < sc[:, :1]).sum(1)
-                        prune = (left >= g1 - j) | (below < left)
-                        mask[:, j] = ~prune
-                        left = left - prune.long()
-                    q, sg = _quantize(W[:, j], mask[:, j], a_cols[:, jj], u_cols[:, jj])
-                    signs[:, j] = sg
-                    err = (W[:, j] - q) / d[j]
-                    W[:, j] = q
-                    W[:, j + 1:e] -= err.unsqueeze(1) * U[j, j + 1:e].unsqueeze(0)
-                    Err[:, jj] = err
+            Err = _column_block(W, U, d, v, mask, signs, a_cols, u_cols, s, e, n, m, method,
+                                lazy_mask and n < m, group_decision == "dynamic")
             if e < cols:
                 W[:, e:] -= Err @ U[s:e, e:]
             continue
@@ -204,3 +182,51 @@ def compensated_sweep(
                 Eu = E / d[s:e].unsqueeze(0)
             W[:, e:] -= Eu @ U[s:e, e:]
     return mask, signs, alpha, mu
+
+
+def _column_block(
+    W: torch.Tensor, U: torch.Tensor, d: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, signs: torch.Tensor,
+    a_cols: torch.Tensor, u_cols: torch.Tensor, s: int, e: int, n: int, m: int, method: str, lazy: bool,
+    dynamic: bool,
+) -> torch.Tensor:
+    """Column-by-column sweep of block ``[s, e)`` (GPTQ/SparseGPT); returns the block's scaled errors.
+
+    Works on the transposed block (one contiguous row per column) and defers the update of the block's
+    later groups to one product per group (GPTQ's lazy batch, at group granularity): the same arithmetic
+    as updating every later column after every column, since a column is only read once the sweep
+    reaches it. ``W``, ``mask`` and ``signs`` are written in place.
+    """
+    out = W.shape[0]
+    Wt = W[:, s:e].T.contiguous()  # [e - s, out]
+    Et = torch.empty_like(Wt)
+    At, Ut = a_cols.T.contiguous(), u_cols.T.contiguous()
+    Mt = mask[:, s:e].T.contiguous()
+    St = torch.zeros_like(Mt)
+    for g0 in range(0, e - s, m):
+        g1 = min(g0 + m, e - s)
+        if lazy and not dynamic:
+            sc = _select_scores(Wt[g0:g1].T, At[g0:g1].T, Ut[g0:g1].T, 1, v[s + g0:s + g1], method)
+            Mt[g0:g1] = nm_mask_from_scores(sc, n, m).T
+        left = torch.full((out,), m - n, dtype=torch.long, device=W.device)
+        for jj in range(g0, g1):
+            j = s + jj
+            if lazy and dynamic:  # re-score the group's remaining columns after every compensation step
+                sc = _select_scores(Wt[jj:g1].T, At[jj:g1].T, Ut[jj:g1].T, 1, v[j:s + g1], method)
+                below = (sc[:, 1:] < sc[:, :1]).sum(1)
+                prune = (left >= g1 - jj) | (below < left)
+                Mt[jj] = ~prune
+                left = left - prune.long()
+            w = Wt[jj]
+            q, sg = _quantize(w, Mt[jj], At[jj], Ut[jj])
+            St[jj] = sg
+            err = (w - q).div_(d[j])
+            Wt[jj] = q
+            Et[jj] = err
+            if jj + 1 < g1:
+                Wt[jj + 1:g1].addr_(U[j, j + 1:s + g1], err, alpha=-1.0)
+        if g1 < e - s:
+            Wt[g1:].addmm_(U[s + g0:s + g1, s + g1:e].T, Et[g0:g1], alpha=-1.0)
+    W[:, s:e] = Wt.T
+    mask[:, s:e] = Mt.T
+    signs[:, s:e] = St.T
+    return Et.T

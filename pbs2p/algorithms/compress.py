@@ -153,8 +153,9 @@ def calibrated_sweeps(
     def finish(res):
         mask, signs, alpha, mu = res
         if final_refit:
-            alpha, mu = hessian_refit_levels(Wr, prep.H, mask, signs, alpha, mu, sb)
-        err = output_error_sq(Wr, dequantize_parts(mask, signs, alpha, mu, sb), prep.H)
+            alpha, mu, err = hessian_refit_levels(Wr, prep.H, mask, signs, alpha, mu, sb, return_error=True)
+        else:
+            err = output_error_sq(Wr, dequantize_parts(mask, signs, alpha, mu, sb), prep.H)
         return (mask, signs, alpha, mu), err
 
     best, best_err = finish(compensated_sweep(W, prep, n, m, **kw))

@@ -92,7 +92,9 @@ def calibrate(
     if config.step is not None:
         raise ValueError(f"calibrate takes a PBS2P with step=None, got step={config.step!r}")
     start = time.perf_counter()
-    runner = SequentialRunner(model, calibration, batch_size)
+    fp_stream = config.tune_steps > 0 and config.tune_target == "fp"
+    runner = SequentialRunner(model, calibration, batch_size, fp_target=config.fp_target, fp_stream=fp_stream,
+                              target_damp=config.damp)
     targets = [eligible_linears(block, config) for block in runner.blocks]
     if not any(targets):
         raise ValueError(f"no linear in the decoder blocks can be converted with {config.n}:{config.m}")
@@ -102,7 +104,11 @@ def calibrate(
     def compress(i: int, name: str, linear: torch.nn.Linear, hessian: torch.Tensor) -> torch.Tensor:
         return compress_to_tensor(linear.weight, config, hessian, n=ns[i])
 
-    records = runner.compress(targets, compress, ns=ns, cosines=cosines, progress=progress, desc="PBS²P blocks")
+    records = runner.compress(
+        targets, compress, ns=ns, cosines=cosines, progress=progress, desc="PBS²P blocks",
+        true_sequential=config.true_sequential, tune_steps=config.tune_steps, tune_lr=config.tune_lr,
+        tune_target=config.tune_target, tune_norms=config.tune_norms,
+    )
     for record in records:
         log.info(
             "block %d: N=%d, relative output errors %s",
@@ -124,7 +130,8 @@ def _allocate(config: PBS2P, targets: list[dict[str, torch.nn.Linear]], cosines:
     low, high = config.n_bounds()
     sizes = [sum(lin.weight.numel() for lin in linears.values()) for linears in targets]
     present = [i for i, size in enumerate(sizes) if size]
-    ns = allocate_n([cosines[i] for i in present], config.n, config.m, low, high, [sizes[i] for i in present])
+    ns = allocate_n([cosines[i] for i in present], config.n, config.m, low, high, [sizes[i] for i in present],
+                    normalize=config.cfs_normalize)
     allocation = [config.n] * len(targets)
     for i, n in zip(present, ns, strict=True):
         allocation[i] = n

@@ -19,7 +19,8 @@ def test_equal_layers_hit_target_exactly(cos, data):
     lo = data.draw(st.integers(1, m - 1))
     hi = data.draw(st.integers(lo, m - 1))
     target = data.draw(st.integers(lo, hi))
-    N = allocate_n(cos, target, m, lo, hi, [1000] * len(cos))
+    normalize = data.draw(st.sampled_from(["mean", "median"]))
+    N = allocate_n(cos, target, m, lo, hi, [1000] * len(cos), normalize=normalize)
     assert all(lo <= x <= hi for x in N)
     assert sum(N) == target * len(cos)
 
@@ -28,8 +29,9 @@ def test_equal_layers_hit_target_exactly(cos, data):
 def test_mixed_sizes_exact_or_raise(cos, data):
     sizes = [data.draw(st.sampled_from(SIZES)) for _ in cos]
     lo, hi, target = 2, 6, data.draw(st.integers(2, 6))
+    normalize = data.draw(st.sampled_from(["mean", "median"]))
     try:
-        N = allocate_n(cos, target, 8, lo, hi, sizes)
+        N = allocate_n(cos, target, 8, lo, hi, sizes, normalize=normalize)
     except ValueError:
         return
     assert all(lo <= x <= hi for x in N)
@@ -69,3 +71,19 @@ def test_importance_kind_and_errors():
         allocate_n([0.5, 0.9], 4, 8, 2, 6, [1])
     with pytest.raises(ValueError):
         allocate_n([float("nan")], 4, 8, 2, 6)
+
+
+def test_median_normalization_resists_a_near_zero_cosine():
+    """SmolLM2-like cosines: block 0 ≈ 0 (embeddings → hidden states), the rest ≈ 0.95.
+
+    With the mean, every other block's ideal N falls below N_low and the blocks that get N_high are
+    picked by order alone; with the median, the block that changes its input most gets N_high and the
+    most redundant one N_low."""
+    cos = [0.006, 0.83, 0.96, 0.97, 0.95, 0.975, 0.74, 0.96]
+    by_mean = allocate_n(cos, 6, 8, 5, 7)
+    assert by_mean == [7, 7, 7, 7, 5, 5, 5, 5]  # block order, not importance
+    by_median = allocate_n(cos, 6, 8, 5, 7, normalize="median")
+    assert sum(by_median) == 6 * len(cos)
+    assert by_median[0] == 7 and by_median[6] == 7 and by_median[5] == 5
+    with pytest.raises(ValueError, match="normalize"):
+        layer_importance([0.5], normalize="max")

@@ -1,0 +1,111 @@
+"""Markdown table and plot (perplexity vs honest bits/weight) from a ``benchmarks/quality.py`` result JSON.
+
+Run ``python benchmarks/quality_report.py benchmarks/results/quality/quality_heldout.json`` to rebuild
+``quality_heldout.md`` and ``quality_heldout.png`` next to it (``quality.py`` does this after every run).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+UNIFORM_PPL = 49152  # uniform guessing over SmolLM2's vocabulary
+
+
+def _fmt_ppl(x: float | None) -> str:
+    if x is None:
+        return "—"
+    if x >= 1e4:
+        return f"{x:.3g}"
+    return f"{x:.2f}" if x < 1000 else f"{x:.0f}"
+
+
+def _zeroshot_mean(entry: dict) -> tuple[float, dict] | None:
+    zs = entry.get("zeroshot")
+    if not zs:
+        return None
+    accs = {task: row.get("acc_norm", row.get("acc")) for task, row in zs["tasks"].items()}
+    accs = {k: v for k, v in accs.items() if v is not None}
+    return sum(accs.values()) / len(accs), accs
+
+
+def table(record: dict) -> str:
+    """The markdown table of a result record, rows in insertion order."""
+    rows = [
+        "| method | ppl | honest bits/w | paper bits/w | calibration | compress s | load avg | peak GiB |",
+        "|---|---:|---:|---:|---|---:|---|---:|",
+    ]
+    for key, e in record["entries"].items():
+        cal = e.get("calibration")
+        cal_s = f"{cal['nsamples']}×{cal['seqlen']}" if cal else "none"
+        la = e.get("loadavg_before"), e.get("loadavg_after")
+        load = f"{la[0][0]:.1f}→{la[1][0]:.1f}" if all(la) else "—"
+        limit = key.rsplit("limit", 1)[-1]
+        rows.append(
+            f"| {e['method']} | {_fmt_ppl(e.get('ppl'))} | {e['bits_per_weight']:.3f} | {e['paper_bits']:.3f} | "
+            f"{cal_s} | {e['compress_s']:.0f} | {load} | {e['peak_rss_gib_compress']:.2f} |"
+            + ("" if limit else "")
+        )
+    out = "\n".join(rows)
+    zs_rows = [(e["method"], _zeroshot_mean(e)) for e in record["entries"].values()]
+    zs_rows = [(m, z) for m, z in zs_rows if z]
+    if zs_rows:
+        tasks = sorted({t for _, (_, accs) in zs_rows for t in accs})
+        lines = ["", "Zero-shot accuracy (acc_norm where the task has it, else acc):", "",
+                 "| method | " + " | ".join(tasks) + " | mean |", "|---|" + "---:|" * (len(tasks) + 1)]
+        for m, (mean, accs) in zs_rows:
+            cells = " | ".join(f"{accs[t]:.3f}" if t in accs else "—" for t in tasks)
+            lines.append(f"| {m} | {cells} | {mean:.3f} |")
+        out += "\n".join(lines)
+    return out
+
+
+def plot(record: dict, path: Path) -> None:
+    """Perplexity (log) against honest bits per weight, one labelled point per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    colors = {"pbs2p": "tab:red", "stbllm": "tab:blue", "billm": "tab:green", "sparsegpt": "tab:purple",
+              "magnitude": "tab:gray", "binarize": "tab:orange", "fp": "black"}
+    for e in record["entries"].values():
+        if e.get("ppl") is None:
+            continue
+        family = e["method"].split("-")[0].split("+")[0]
+        bits = min(e["bits_per_weight"], 12.0)
+        ax.scatter(bits, e["ppl"], color=colors.get(family, "tab:brown"), s=25)
+        ax.annotate(e["method"], (bits, e["ppl"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
+    ax.axhline(UNIFORM_PPL, ls="--", color="gray", lw=0.8)
+    ax.text(0.1, UNIFORM_PPL * 1.1, "uniform guessing", fontsize=7, color="gray")
+    ax.set_yscale("log")
+    ax.set_xlabel("honest bits per weight (every stored bit; FP32 drawn at 12)")
+    ax.set_ylabel("perplexity (log scale)")
+    ctx = record.get("context", {})
+    ax.set_title(f"SmolLM2-135M, {ctx.get('text', '')} text, seqlen {ctx.get('seqlen', 2048)}", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def write_report(path: Path) -> str:
+    """Write ``<stem>.md`` and ``<stem>.png`` next to the JSON ``path``; return the markdown."""
+    record = json.loads(Path(path).read_text())
+    ctx = record.get("context", {})
+    head = (f"# Quality on SmolLM2-135M ({ctx.get('text', '?')} text)\n\n"
+            f"Text: {ctx.get('text_rule', '?')}; windows of {ctx.get('seqlen', 2048)} tokens. "
+            f"Produced by `benchmarks/quality.py` (each entry's command is in the JSON). Timings are wall "
+            f"seconds on a shared {ctx.get('cpu_count', '?')}-core machine with the 1-minute load average "
+            f"before→after compression; peak = peak RSS of the worker process up to the end of compression.\n\n")
+    md = head + table(record) + "\n"
+    Path(path).with_suffix(".md").write_text(md)
+    plot(record, Path(path).with_suffix(".png"))
+    return md
+
+
+if __name__ == "__main__":
+    for arg in sys.argv[1:]:
+        print(write_report(Path(arg)))
