@@ -58,7 +58,33 @@ def table(record: dict) -> str:
             cells = " | ".join(f"{accs[t]:.3f}" if t in accs else "—" for t in tasks)
             lines.append(f"| {m} | {cells} | {mean:.3f} |")
         out += "\n".join(lines)
-    return out
+    claims = claims_table(record)
+    return out + ("\n\n" + claims if claims else "")
+
+
+def _by_method(record: dict) -> dict[str, dict]:
+    return {e["method"]: e for e in record["entries"].values() if e.get("ppl") is not None}
+
+
+def claims_table(record: dict) -> str:
+    """The paper's two claims, checked on the entries present: PBS²P 6:8 below the BiLLM-style baseline,
+    and PBS²P at each N:M at most half the perplexity of the STBLLM-style baseline at the same N:M."""
+    ppl = {m: e["ppl"] for m, e in _by_method(record).items()}
+    rows = []
+    if "pbs2p-6:8" in ppl and "billm" in ppl:
+        a, b = ppl["pbs2p-6:8"], ppl["billm"]
+        holds = "yes" if a < b else "no"
+        rows.append(f"| pbs2p-6:8 < billm | {_fmt_ppl(a)} vs {_fmt_ppl(b)} | {a / b:.3f} | {holds} |")
+    for nm in ("6:8", "5:8", "4:8", "2:4"):
+        ours, theirs = f"pbs2p-{nm}", f"stbllm-{nm}"
+        if ours in ppl and theirs in ppl:
+            a, b = ppl[ours], ppl[theirs]
+            rows.append(f"| {ours} ≤ ½ {theirs} | {_fmt_ppl(a)} vs {_fmt_ppl(b)} | {a / b:.3f} | "
+                        f"{'yes' if a <= 0.5 * b else 'no'} |")
+    if not rows:
+        return ""
+    return "\n".join(["The paper's claims on these entries:", "",
+                      "| claim | ppl (ours vs baseline) | ratio | holds |", "|---|---|---:|---|", *rows])
 
 
 def plot(record: dict, path: Path) -> None:
@@ -100,7 +126,14 @@ def write_report(path: Path) -> str:
             f"Produced by `benchmarks/quality.py` (each entry's command is in the JSON). Timings are wall "
             f"seconds on a shared {ctx.get('cpu_count', '?')}-core machine with the 1-minute load average "
             f"before→after compression; peak = peak RSS of the worker process up to the end of compression.\n\n")
-    md = head + table(record) + "\n"
+    limits = sorted({key.rsplit("limit", 1)[-1] for key in record["entries"]})
+    cals = sorted({key.split("|")[1] for key in record["entries"]})
+    head += (f"Perplexity windows (`--limit`): {', '.join(limits)}; calibration sets (segments×tokens, seed): "
+             f"{', '.join(cals)}.")
+    zs = {e["zeroshot"].get("limit") for e in record["entries"].values() if e.get("zeroshot")}
+    if zs:
+        head += f" Zero-shot: {', '.join(map(str, sorted(zs)))} examples per task (`--zeroshot-limit`)."
+    md = head + "\n\n" + table(record) + "\n"
     Path(path).with_suffix(".md").write_text(md)
     plot(record, Path(path).with_suffix(".png"))
     return md

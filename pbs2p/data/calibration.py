@@ -22,6 +22,11 @@ import torch
 from pbs2p.assets import cache_dir
 from pbs2p.data.split import TextSplit, load_split
 
+#: Default calibration size: 8 segments of 2048 tokens (16,384 tokens). CFS's block cosines from 8
+#: segments give the same per-block N as from more (``benchmarks/cfs_samples.py``), and the whole
+#: compression of SmolLM2-135M stays within 10 minutes on a 2-core CPU (``benchmarks/quality.py``).
+DEFAULT_NSAMPLES = 8
+
 __all__ = ["calibration_tokens", "describe_calibration", "sample_segments", "tokenize_text"]
 
 
@@ -81,7 +86,7 @@ def sample_segments(token_ids: torch.Tensor, nsamples: int, seqlen: int, seed: i
 
 
 def calibration_tokens(
-    tokenizer, nsamples: int = 128, seqlen: int = 2048, seed: int = 0, split: TextSplit | None = None
+    tokenizer, nsamples: int = DEFAULT_NSAMPLES, seqlen: int = 2048, seed: int = 0, split: TextSplit | None = None
 ) -> torch.Tensor:
     """Seeded calibration segments [nsamples, seqlen] from the calibration part of the Wikipedia split."""
     split = split if split is not None else load_split()
