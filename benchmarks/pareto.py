@@ -8,7 +8,8 @@ measures held-out perplexity on the first ``--limit`` windows of ``--seqlen`` to
 * ``N:M`` — PBS²P (library defaults: SPBO, column compensation, per-row fp32 α, μ) at N:M in every linear;
 * ``bB`` — the allocation of :func:`pbs2p.algorithms.budget.allocate_bits` at ``B`` bits per weight: each
   linear gets one of ``spbo-{2:4,4:8,5:8,6:8}/column`` or ``fp16``, minimising the sum of the linears'
-  held-out relative output errors measured by ``benchmarks/layer_error.py`` (in isolation) with the honest
+  relative output errors on the *calibration* text measured by ``benchmarks/layer_error.py`` (in isolation;
+  never the held-out text the perplexity is measured on) with the honest
   average bits over all decoder linears ``<=`` B (the slack is reported).
 
 Bits are the stored bytes of every decoder linear (packed codes, index, scales; fp16 weights at 16) over
@@ -74,7 +75,7 @@ def allocation(layer_errors: dict, linears: dict[str, int], target: float) -> tu
     candidates = [
         [
             Candidate(
-                meth, layer_bits(entries[f"{meth}|{k}"]["bits"], linears[k]), entries[f"{meth}|{k}"]["err_heldout"]
+                meth, layer_bits(entries[f"{meth}|{k}"]["bits"], linears[k]), entries[f"{meth}|{k}"]["err_calib"]
             )
             for meth in ALLOC_METHODS
         ]
@@ -241,7 +242,7 @@ def _digest(path: str | Path) -> str:
     import hashlib
 
     entries = json.loads(Path(path).read_text())["entries"]
-    chosen = sorted((k, v["err_heldout"], v["bits"]) for k, v in entries.items() if v["method"] in ALLOC_METHODS)
+    chosen = sorted((k, v["err_calib"], v["bits"]) for k, v in entries.items() if v["method"] in ALLOC_METHODS)
     return hashlib.sha256(json.dumps(chosen).encode()).hexdigest()[:16]
 
 
@@ -379,7 +380,7 @@ def write_readme(points: Sequence[dict], out: Path, runs: Sequence[dict]) -> Pat
         + (f"{cal['nsamples']} × {cal['calib_seqlen']} calibration tokens (seed {cal['seed']})" if cal else "–")
         + ". Bits: every stored bit of the decoder linears over their weights (packed signs + kept-set index + "
         'fp32 α, μ; fp16 layers at 16); "paper" = 1 bit per kept weight. Allocated points choose per linear '
-        "among " + ", ".join(f"`{m}`" for m in ALLOC_METHODS) + " to minimise the summed held-out relative "
+        "among " + ", ".join(f"`{m}`" for m in ALLOC_METHODS) + " to minimise the summed calibration-text relative "
         "output error from `benchmarks/results/layer_error/layer_error.json` (isolation), with the average bits "
         "≤ the budget (exactly optimal over that set; slack in the table).",
         "",

@@ -88,11 +88,12 @@ def test_dense_compressor_and_fp_target_with_pbs2p():
 
 def test_block_tuning_lowers_the_block_error_and_keeps_the_storage():
     plain, tuned = tiny_llama(), tiny_llama()
-    base = pbs2p.calibrate(plain, calibration(), PBS2P(n=4, m=8, cfs=False), progress=False)
+    base = pbs2p.calibrate(plain, calibration(), PBS2P(n=4, m=8, cfs=False, tune_steps=0), progress=False)
     result = pbs2p.calibrate(tuned, calibration(), PBS2P(n=4, m=8, cfs=False, tune_steps=5), progress=False)
     for record in result.blocks:
         assert record.tune["last_pass"] < record.tune["first_pass"]
     assert result.report.bits_per_weight() == base.report.bits_per_weight()
+    assert not any("forward" in mod.__dict__ for mod in tuned.modules())  # the tuning hooks are gone
     for (name, a), (_, b) in zip(base.report.converted, result.report.converted, strict=True):
         if name.startswith("model.layers.0."):  # block 0 sees the same inputs: only its scales moved
             assert torch.equal(a.qdata, b.qdata), name

@@ -38,7 +38,7 @@ class _ScaledBinary:
         nb = weight.scale.shape[1]
         self.s = torch.zeros(weight.scale.shape[0], nb, requires_grad=True)
         self.t = torch.zeros(weight.scale.shape[0], nb, requires_grad=True)
-        self.forward = linear.forward
+        self.own_forward = linear.__dict__.get("forward")  # an instance-level forward to restore, if any
 
     def dense(self) -> torch.Tensor:
         cols = self.keep.shape[1]
@@ -50,7 +50,10 @@ class _ScaledBinary:
         self.linear.forward = lambda x: F.linear(x, self.dense().to(x.dtype), self.linear.bias)
 
     def detach(self) -> None:
-        self.linear.forward = self.forward
+        if self.own_forward is None:
+            del self.linear.forward  # back to the class's forward: no instance attribute left behind
+        else:
+            self.linear.forward = self.own_forward
 
     def packed(self) -> BinarySparseTensor:
         w = self.weight

@@ -121,7 +121,7 @@ class SequentialRunner:
 
             return forward
 
-        originals = [block.forward for block in self.blocks]
+        originals = [block.__dict__.get("forward") for block in self.blocks]  # instance-level forwards, if any
         try:
             for i, block in enumerate(self.blocks):
                 block.forward = recorder(i)
@@ -131,7 +131,10 @@ class SequentialRunner:
             pass
         finally:
             for block, forward in zip(self.blocks, originals, strict=True):
-                block.forward = forward
+                if forward is None:
+                    del block.forward  # back to the class's forward: nothing left on the instance
+                else:
+                    block.forward = forward
         if len(calls) != len(self.blocks):
             raise RuntimeError(f"captured {len(calls)} block calls for {len(self.blocks)} blocks")
         return first[0], calls
