@@ -47,7 +47,7 @@ RESULTS = Path("benchmarks/results/pareto")
 LAYER_ERRORS = Path("benchmarks/results/layer_error/layer_error.json")
 FP_RESULT = Path("benchmarks/results/fp/smollm2_fp32_ppl.json")
 ALLOC_METHODS = ("spbo-2:4/column", "spbo-4:8/column", "spbo-5:8/column", "spbo-6:8/column", "fp16")
-DEFAULT_POINTS = "fp,4:8,b8,b14,b4,b2,2:4,b12,b10,b6,b3,b1.5,5:8,6:8,fp16,b15,b15.5,b14.5"  # computed in this order
+DEFAULT_POINTS = "fp,4:8,2:4,5:8,6:8,b2,b4,b14,b14.5,b15,b15.5,fp16"  # computed in this order
 WITHIN = 3.0  # the statement: smallest bits with perplexity <= WITHIN × FP
 
 
@@ -418,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--points", default=DEFAULT_POINTS, help=f"comma-separated (default {DEFAULT_POINTS})")
-    ap.add_argument("--limit", type=int, default=4, help="held-out perplexity windows (default 4)")
+    ap.add_argument("--limit", type=int, default=16, help="held-out perplexity windows (default 16)")
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--nsamples", type=int, default=4, help="calibration segments (default 4)")
     ap.add_argument("--calib-seqlen", type=int, default=1024)

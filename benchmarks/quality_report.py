@@ -57,7 +57,7 @@ def table(record: dict) -> str:
         for m, (mean, accs) in zs_rows:
             cells = " | ".join(f"{accs[t]:.3f}" if t in accs else "—" for t in tasks)
             lines.append(f"| {m} | {cells} | {mean:.3f} |")
-        out += "\n".join(lines)
+        out += "\n" + "\n".join(lines)
     claims = claims_table(record)
     return out + ("\n\n" + claims if claims else "")
 
@@ -133,6 +133,14 @@ def write_report(path: Path) -> str:
     zs = {e["zeroshot"].get("limit") for e in record["entries"].values() if e.get("zeroshot")}
     if zs:
         head += f" Zero-shot: {', '.join(map(str, sorted(zs)))} examples per task (`--zeroshot-limit`)."
+    head += ("\n\n`pbs2p-N:M` is `pbs2p.calibrate` with the `PBS2P` defaults of the run (recorded per entry in the "
+             "JSON: SPBO, CFS, column compensation, true-sequential stages, 3 passes of scale tuning on each "
+             "block's output); `+field=value` overrides one, and `+true_sequential=false+tune_steps=0` is the "
+             "paper's method alone. `billm`, `stbllm-N:M`: BiLLM / STBLLM-style (salient columns + residual "
+             "binarization, block-only compensation); `sparsegpt-N:M`: SparseGPT with fp16 kept weights; "
+             "`magnitude-N:M`: |w| selection + sign·α, no data. Honest bits count every stored bit "
+             "(for the baselines: signs, masks, salient-column bitmaps, group bitmaps and fp16 scales); paper "
+             "bits count one bit per kept weight (the peers' convention).")
     md = head + "\n\n" + table(record) + "\n"
     Path(path).with_suffix(".md").write_text(md)
     plot(record, Path(path).with_suffix(".png"))

@@ -22,9 +22,9 @@ import torch
 from pbs2p.assets import cache_dir
 from pbs2p.data.split import TextSplit, load_split
 
-#: Default calibration size: 8 segments of 2048 tokens (16,384 tokens). CFS's block cosines from 8
-#: segments give the same per-block N as from more (``benchmarks/cfs_samples.py``), and the whole
-#: compression of SmolLM2-135M stays within 10 minutes on a 2-core CPU (``benchmarks/quality.py``).
+#: Default calibration size: 8 segments of 2048 tokens (16,384 tokens). The whole compression of
+#: SmolLM2-135M stays within 10 minutes on a 2-core CPU with it (``benchmarks/quality.py``); fewer
+#: segments change CFS's per-block N in several blocks (``benchmarks/cfs_samples.py``).
 DEFAULT_NSAMPLES = 8
 
 __all__ = ["calibration_tokens", "describe_calibration", "sample_segments", "tokenize_text"]
