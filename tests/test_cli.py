@@ -7,19 +7,11 @@ import runpy
 import sys
 
 import pytest
-import torch
 
 from pbs2p.cli import build_parser, main
 from pbs2p.data.calibration import DEFAULT_NSAMPLES
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The models here are tiny: one thread is fastest, and immune to a busy shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_parser_understands_the_commands():

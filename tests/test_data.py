@@ -9,14 +9,7 @@ from pbs2p.data.calibration import calibration_tokens, sample_segments, tokenize
 from pbs2p.data.split import SPLIT_RULE, load_split, split_articles
 from pbs2p.data.wikipedia import Article, load_articles, wikitext_to_plain
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The models here are tiny: one thread is fastest, and immune to a busy shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -10,21 +10,7 @@ import torch
 from pbs2p.eval.perplexity import heldout_perplexity, perplexity
 from pbs2p.eval.task_configs import AVAILABLE_TASKS, DEFAULT_TASKS, prepare_tasks, task_template
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The models here are tiny: one thread is fastest, and immune to a busy shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    from pbs2p.assets import load_model
-
-    return load_model("tiny")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _reference_ppl(model, ids: torch.Tensor, seqlen: int, windows: int) -> float:

@@ -15,21 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 from benchmarks.activations import capture_hessians, decoder_linears, shared_ngrams, token_sets  # noqa: E402
 from benchmarks.layer_error import main, method_grid  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The model is tiny: one thread is fastest, and immune to a busy shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    from pbs2p.assets import load_model
-
-    return load_model("tiny")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _occurs_in(window: torch.Tensor, stream: torch.Tensor) -> bool:
