@@ -43,6 +43,11 @@ def linear_bytes_on_disk(path: Path) -> dict[str, int]:
     return dict(sizes)
 
 
+def packed_weights(model: torch.nn.Module) -> dict[str, pbs2p.BinarySparseTensor]:
+    """The packed weights of ``model``, by parameter name."""
+    return {name: p for name, p in model.named_parameters() if isinstance(p, pbs2p.BinarySparseTensor)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nm", default="4:8")
@@ -51,8 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model, _ = load_model("smollm2")
     report = pbs2p.quantize_(model, pbs2p.PBS2P(n=n, m=m))
-    weights = {name + ".weight": mod.weight for name, mod in model.named_modules()
-               if isinstance(getattr(mod, "weight", None), pbs2p.BinarySparseTensor)}
+    weights = packed_weights(model)
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         files = sorted(Path(tmp).glob("*.safetensors"))
@@ -61,8 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         on_disk = linear_bytes_on_disk(files[0])
         file_bytes = files[0].stat().st_size
         reloaded = AutoModelForCausalLM.from_pretrained(tmp)
-        back = {name + ".weight": mod.weight for name, mod in reloaded.named_modules()
-                if isinstance(getattr(mod, "weight", None), pbs2p.BinarySparseTensor)}
+        back = packed_weights(reloaded)
     missing = sorted(set(weights) - set(on_disk))
     if missing:
         raise RuntimeError(f"no stored tensors found for {missing[:3]} ...")

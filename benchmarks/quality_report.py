@@ -36,16 +36,14 @@ def table(record: dict) -> str:
         "| method | ppl | honest bits/w | paper bits/w | calibration | compress s | load avg | peak GiB |",
         "|---|---:|---:|---:|---|---:|---|---:|",
     ]
-    for key, e in record["entries"].items():
+    for e in record["entries"].values():
         cal = e.get("calibration")
         cal_s = f"{cal['nsamples']}×{cal['seqlen']}" if cal else "none"
         la = e.get("loadavg_before"), e.get("loadavg_after")
         load = f"{la[0][0]:.1f}→{la[1][0]:.1f}" if all(la) else "—"
-        limit = key.rsplit("limit", 1)[-1]
         rows.append(
             f"| {e['method']} | {_fmt_ppl(e.get('ppl'))} | {e['bits_per_weight']:.3f} | {e['paper_bits']:.3f} | "
             f"{cal_s} | {e['compress_s']:.0f} | {load} | {e['peak_rss_gib_compress']:.2f} |"
-            + ("" if limit else "")
         )
     out = "\n".join(rows)
     zs_rows = [(e["method"], _zeroshot_mean(e)) for e in record["entries"].values()]
@@ -62,14 +60,10 @@ def table(record: dict) -> str:
     return out + ("\n\n" + claims if claims else "")
 
 
-def _by_method(record: dict) -> dict[str, dict]:
-    return {e["method"]: e for e in record["entries"].values() if e.get("ppl") is not None}
-
-
 def claims_table(record: dict) -> str:
     """The paper's two claims, checked on the entries present: PBS²P 6:8 below the BiLLM-style baseline,
     and PBS²P at each N:M at most half the perplexity of the STBLLM-style baseline at the same N:M."""
-    ppl = {m: e["ppl"] for m, e in _by_method(record).items()}
+    ppl = {e["method"]: e["ppl"] for e in record["entries"].values() if e.get("ppl") is not None}
     rows = []
     if "pbs2p-6:8" in ppl and "billm" in ppl:
         a, b = ppl["pbs2p-6:8"], ppl["billm"]

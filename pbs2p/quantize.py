@@ -213,11 +213,11 @@ def _validate_model_once(module: torch.nn.Module, config: PBS2P) -> str:
     if root is None or filter_fn is None:
         _TIED.clear()
         return name or type(module).__name__
-    candidates = list(_candidates(root, filter_fn))
-    if candidates and candidates[0][1] is module:
+    first = next(_candidates(root, filter_fn), None)  # only the first module's call walks the whole model
+    if first is not None and first[1] is module:
         _TIED.clear()
         _TIED.update(tied_weight_ids(root))
-        for cand_name, cand in candidates:
+        for cand_name, cand in _candidates(root, filter_fn):
             label = cand_name or type(cand).__name__
             if config.step == "convert" and observed_tokens(cand) == 0:
                 raise ValueError(
