@@ -1,8 +1,8 @@
 """Real activations for layer-level measurements: two disjoint token sets and per-linear input Hessians.
 
 * :func:`token_sets` draws the **calibration** windows from the calibration part of the Wikipedia split
-  and the **held-out** windows from its held-out part (:mod:`pbs2p.data.split`: disjoint at article
-  granularity), each with :func:`pbs2p.data.calibration.sample_segments` and a seed;
+  and the **held-out** windows from its held-out part (:mod:`pbs2p_lab.data.split`: disjoint at article
+  granularity), each with :func:`pbs2p_lab.data.calibration.sample_segments` and a seed;
   :func:`shared_ngrams` counts token n-grams the two sets have in common (recorded as a check).
 * :func:`capture_hessians` runs the **full-precision** model once per batch with a pre-hook on every
   linear of every decoder block and accumulates ``H = 2·XᵀX / n`` of each linear's input (linears fed
@@ -14,8 +14,8 @@ uncompressed model, so every method is compared on the same inputs (see ``benchm
 
 Example::
 
-    from pbs2p.assets import load_model
-    from pbs2p.data.split import load_split
+    from pbs2p_lab.assets import load_model
+    from pbs2p_lab.data.split import load_split
     model, tok = load_model("tiny")
     sets = token_sets(tok, load_split(), n_cal=2, n_eval=2, seqlen=64, seed=0)
     H = capture_hessians(model, sets.calibration)        # {"0.self_attn.q_proj": [16, 16], ...}
@@ -28,9 +28,9 @@ from dataclasses import dataclass
 
 import torch
 
-from pbs2p.data.calibration import sample_segments, tokenize_text
-from pbs2p.data.split import TextSplit
 from pbs2p.pipeline import decoder_blocks
+from pbs2p_lab.data.calibration import sample_segments, tokenize_text
+from pbs2p_lab.data.split import TextSplit
 
 __all__ = ["TokenSets", "capture_hessians", "decoder_linears", "linear_type", "shared_ngrams", "token_sets"]
 
@@ -74,7 +74,7 @@ def token_sets(
             "articles": len(split.heldout),
             "stream_tokens": int(held_ids.numel()),
         },
-        "sampler": "pbs2p.data.calibration.sample_segments (uniform random offsets, seeded)",
+        "sampler": "pbs2p_lab.data.calibration.sample_segments (uniform random offsets, seeded)",
         "split_rule": split.describe()["rule"],
         "shared_ngrams": {"n": ngram, "count": shared_ngrams(cal, held, ngram)},
     }

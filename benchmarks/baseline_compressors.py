@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pbs2p.algorithms.baselines import BaselineResult
+from pbs2p_lab.baselines import BaselineResult
 
 # (W [out, in], H [in, in]) -> dense Ŵ and its honest bit count
 WeightMethod = Callable[[torch.Tensor, torch.Tensor], BaselineResult]

@@ -27,9 +27,9 @@ OUT = Path(__file__).resolve().parent / "results" / "quality" / "cfs_samples.jso
 
 def main() -> int:
     from pbs2p.algorithms import allocate_n
-    from pbs2p.assets import load_model
-    from pbs2p.data.calibration import calibration_tokens
     from pbs2p.pipeline import SequentialRunner
+    from pbs2p_lab.assets import load_model
+    from pbs2p_lab.data.calibration import calibration_tokens
 
     torch.set_num_threads(1)
     model, tok = load_model("smollm2")

@@ -27,8 +27,8 @@ from safetensors import safe_open  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 import pbs2p  # noqa: E402
-from pbs2p.assets import load_model  # noqa: E402
-from pbs2p.eval.results import package_versions  # noqa: E402
+from pbs2p_lab.assets import load_model  # noqa: E402
+from pbs2p_lab.eval.results import package_versions  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "checkpoint"
 
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     stored = sum(on_disk[k] for k in weights)
     fp32 = 4 * numel
     result = {
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": "python benchmarks/checkpoint_size.py --nm " + args.nm,
         "nm": args.nm, "linears": len(weights), "skipped": len(report.skipped), "weights": numel,
         "stored_bytes": stored, "fp32_bytes": fp32, "ratio_to_fp32": stored / fp32,

@@ -28,10 +28,10 @@ import torch
 from transformers import StaticCache
 
 import pbs2p
-from pbs2p.assets import load_model
-from pbs2p.eval.results import package_versions
 from pbs2p.kernels.ops import kernel_backend
 from pbs2p.pipeline import decoder_blocks
+from pbs2p_lab.assets import load_model
+from pbs2p_lab.eval.results import package_versions
 
 OUT = Path(__file__).parent / "results" / "decode"
 PROMPT = "The history of the English language begins with the arrival of"

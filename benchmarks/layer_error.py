@@ -50,9 +50,9 @@ if __package__ in (None, ""):  # run as a file: make `benchmarks` and `pbs2p` im
 import torch  # noqa: E402
 
 from benchmarks.activations import capture_hessians, decoder_linears, linear_type, token_sets  # noqa: E402
-from pbs2p.algorithms.baselines import binarize_dense, pbs2p  # noqa: E402
-from pbs2p.algorithms.billm import billm, stbllm  # noqa: E402
-from pbs2p.algorithms.metrics import relative_output_error  # noqa: E402
+from pbs2p.algorithms import relative_output_error  # noqa: E402
+from pbs2p_lab.baselines import binarize_dense, pbs2p  # noqa: E402
+from pbs2p_lab.billm import billm, stbllm  # noqa: E402
 
 TYPES = ("q", "k", "v", "o", "gate", "up", "down")
 PATTERNS = ((6, 8), (5, 8), (4, 8), (2, 4))
@@ -116,7 +116,8 @@ def method_grid(patterns: Sequence[tuple[int, int]] = PATTERNS) -> dict[str, Met
                         family,
                         f"{n}:{m}",
                         comp,
-                        _baseline(lambda W, H, n=n, m=m, f=family, c=comp: pbs2p(W, H, n, m, method=f, compensation=c)),
+                        _baseline(lambda W, H, n=n, m=m, f=family, c=comp: pbs2p(
+                            W, H, n, m, spbo_steps=0 if f == "oneshot" else None, compensation=c)),
                     )
                 )
     grid.append(Method("fp16", "fp16", None, None, lambda W, H: (W.half().float(), 16.0, 16.0)))
@@ -154,7 +155,7 @@ def parse_layers(spec: str, count: int) -> list[int]:
 # --------------------------------------------------------------------------------------------- activations
 def activations(model, tokenizer, args: argparse.Namespace) -> tuple[dict, dict, dict]:
     """``(H_cal, H_eval, token record)``, from the cache when the same sizes were captured before."""
-    from pbs2p.data.split import load_split
+    from pbs2p_lab.data.split import load_split
 
     tag = f"{args.model_name}-cal{args.n_cal}-eval{args.n_eval}-seq{args.seqlen}-seed{args.seed}"
     cache = Path(args.cache) / f"{tag}.pt" if args.cache else None
@@ -464,8 +465,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{json_path} holds results for other settings ({store.get('settings')}); use another --out or delete it"
         )
     t_start, load_start = time.perf_counter(), os.getloadavg()[0]
-    from pbs2p.assets import load_model
-    from pbs2p.eval.results import result_header
+    from pbs2p_lab.assets import load_model
+    from pbs2p_lab.eval.results import result_header
 
     model, tokenizer = load_model(args.model)
     n_layers = len({i for i, _, _ in decoder_linears(model)})

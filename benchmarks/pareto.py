@@ -6,7 +6,7 @@ measures held-out perplexity on the first ``--limit`` windows of ``--seqlen`` to
 
 * ``fp`` — the uncompressed model (fp32 storage: 32 bits); ``fp16`` — every decoder linear stored in fp16;
 * ``N:M`` — PBS²P (library defaults: SPBO, column compensation, per-row fp32 α, μ) at N:M in every linear;
-* ``bB`` — the allocation of :func:`pbs2p.algorithms.budget.allocate_bits` at ``B`` bits per weight: each
+* ``bB`` — the allocation of :func:`pbs2p_lab.budget.allocate_bits` at ``B`` bits per weight: each
   linear gets one of ``spbo-{2:4,4:8,5:8,6:8}/column`` or ``fp16``, minimising the sum of the linears'
   relative output errors on the *calibration* text measured by ``benchmarks/layer_error.py`` (in isolation;
   never the held-out text the perplexity is measured on) with the honest
@@ -41,7 +41,7 @@ if __package__ in (None, ""):  # run as a file: make `benchmarks` and `pbs2p` im
 
 import torch  # noqa: E402
 
-from pbs2p.algorithms.budget import BitAllocation, Candidate, allocate_bits, layer_bits  # noqa: E402
+from pbs2p_lab.budget import BitAllocation, Candidate, allocate_bits, layer_bits  # noqa: E402
 
 RESULTS = Path("benchmarks/results/pareto")
 LAYER_ERRORS = Path("benchmarks/results/layer_error/layer_error.json")
@@ -87,13 +87,13 @@ def allocation(layer_errors: dict, linears: dict[str, int], target: float) -> tu
 # ------------------------------------------------------------------------------------------ one point
 def run_point(point: dict, args: argparse.Namespace) -> dict:
     """Compress (unless fp) and measure one point; returns its record."""
-    from pbs2p.assets import load_model
+    from pbs2p import compress_weight
     from pbs2p.config import PBS2P
-    from pbs2p.data.calibration import calibration_tokens, describe_calibration
-    from pbs2p.data.split import load_split
-    from pbs2p.eval.perplexity import heldout_perplexity
     from pbs2p.pipeline import SequentialRunner
-    from pbs2p.quantize import compress_to_tensor
+    from pbs2p_lab.assets import load_model
+    from pbs2p_lab.data.calibration import calibration_tokens, describe_calibration
+    from pbs2p_lab.data.split import load_split
+    from pbs2p_lab.eval.perplexity import heldout_perplexity
 
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
     if point["kind"] == "fp" and args.fp_from:
@@ -150,7 +150,7 @@ def run_point(point: dict, args: argparse.Namespace) -> dict:
 
         def compress(i: int, name: str, linear: torch.nn.Linear, H: torch.Tensor) -> torch.Tensor:
             n, m = (int(x) for x in plan[f"{i}.{name}"].split("-")[1].split("/")[0].split(":"))
-            return compress_to_tensor(linear.weight, PBS2P(n=n, m=m, cfs=False), H)
+            return compress_weight(linear.weight, PBS2P(n=n, m=m), H)
 
         records = runner.compress(targets, compress, progress=False)
         del runner

@@ -17,8 +17,10 @@ saved as soon as it is done: a rerun skips entries already computed unless ``--f
 
 Method names: ``fp``; ``magnitude-N:M`` (data-free N:M by |w| + sign·α); ``billm``; ``stbllm-N:M``;
 ``sparsegpt-N:M`` (fp16 kept weights); ``binarize-dense`` (PBS²P's binarizer, no pruning);
-``pbs2p-N:M`` (:func:`pbs2p.calibrate` with :class:`pbs2p.PBS2P` defaults) with optional ``+field=value``
-overrides of any :class:`~pbs2p.PBS2P` field, e.g. ``pbs2p-4:8+method=oneshot+cfs=false``.
+``pbs2p-N:M`` (:func:`pbs2p.calibrate` with :class:`pbs2p.PBS2P` defaults) with optional ``+key=value``
+overrides: a :class:`~pbs2p.PBS2P` field (``extras`` as ``a/b`` or ``none``) or a calibrate option
+(``true_sequential``, ``cfs=false``, ``cfs_normalize``, ``n_low``, ``n_high``, ``tune_steps``, ``tune_lr``),
+e.g. ``pbs2p-4:8+spbo_steps=0+cfs=false``.
 Groups: ``main``, ``ablations`` and ``all``.
 """
 
@@ -66,7 +68,7 @@ def peak_rss_gib() -> float:
 
 
 def segment_starts(n_tokens: int, nsamples: int, seqlen: int, seed: int) -> list[int]:
-    """Start offsets :func:`pbs2p.data.calibration.sample_segments` draws (same generator, same order)."""
+    """Start offsets :func:`pbs2p_lab.data.calibration.sample_segments` draws (same generator, same order)."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, n_tokens - seqlen + 1, (nsamples,), generator=gen).tolist()
 
@@ -122,11 +124,10 @@ def compress_model(name: str, model: torch.nn.Module, calib: torch.Tensor, args:
     """Compress ``model`` in place with method ``name``; return bits, records and per-layer errors."""
     from baseline_compressors import BitLedger, data_free, dense_compressor
 
-    from pbs2p import PBS2P
-    from pbs2p.algorithms.baselines import binarize_dense, magnitude_nm_sign, sparsegpt_nm
-    from pbs2p.algorithms.billm import billm, stbllm
     from pbs2p.pipeline.families import decoder_blocks
     from pbs2p.pipeline.sequential import SequentialRunner
+    from pbs2p_lab.baselines import binarize_dense, magnitude_nm_sign, sparsegpt_nm
+    from pbs2p_lab.billm import billm, stbllm
 
     base, nm, options = parse_method(name)
     if base == "fp":
@@ -134,8 +135,7 @@ def compress_model(name: str, model: torch.nn.Module, calib: torch.Tensor, args:
     if base == "pbs2p":
         return compress_pbs2p(model, calib, nm, options, args)
     # the baselines get the same sequential harness as PBS²P's defaults (overridable per method name)
-    defaults = PBS2P()
-    harness = {k: options.pop(k, getattr(defaults, k)) for k in ("true_sequential", "fp_target")}
+    harness = {"true_sequential": options.pop("true_sequential", True)}
     ledger = BitLedger()
     if base == "magnitude":
         n, m = nm
@@ -150,7 +150,7 @@ def compress_model(name: str, model: torch.nn.Module, calib: torch.Tensor, args:
     }
     if base not in methods:
         raise ValueError(f"unknown method {name!r}")
-    runner = SequentialRunner(model, calib, args.batch_size, fp_target=harness["fp_target"])
+    runner = SequentialRunner(model, calib, args.batch_size)
     targets = [{n_: mod for n_, mod in block.named_modules() if isinstance(mod, torch.nn.Linear)}
                for block in runner.blocks]
     records = runner.compress(targets, dense_compressor(methods[base], ledger), progress=args.progress,
@@ -162,21 +162,42 @@ def compress_model(name: str, model: torch.nn.Module, calib: torch.Tensor, args:
 def compress_pbs2p(model: torch.nn.Module, calib: torch.Tensor, nm: tuple[int, int], options: dict,
                    args: argparse.Namespace) -> dict:
     """PBS²P through the library's own :func:`pbs2p.calibrate` (CFS, packed weights)."""
-    from pbs2p import PBS2P, calibrate
+    from pbs2p import calibrate
 
     n, m = nm
-    config = PBS2P(n=n, m=m, **options)
-    result = calibrate(model, calib, config, batch_size=args.batch_size, cfs_samples=args.cfs_samples,
-                       progress=args.progress)
+    config, options = pbs2p_options(n, m, options, args.cfs_samples)
+    result = calibrate(model, calib, config, batch_size=args.batch_size, progress=args.progress, **options)
     report = result.report
-    paper = sum(w.numel() * w.n / w.m for _, w in report.converted) / report.num_weights
     return {
-        "bits_per_weight": report.bits_per_weight(), "paper_bits": paper, "calibrated": True,
+        "bits_per_weight": report.bits_per_weight(), "paper_bits": report.kept_fraction(), "calibrated": True,
         "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "step"},
-        "kept_fraction": result.mean_kept_fraction(), "block_n": [b.n for b in result.blocks],
+        "calibrate": {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in options.items()},
+        "kept_fraction": report.kept_fraction(), "block_n": [b.n for b in result.blocks],
         "block_cosine": [b.cosine for b in result.blocks], "errors": _errors(result.blocks),
         "block_tune": [b.tune for b in result.blocks], "block_seconds": [round(b.seconds, 2) for b in result.blocks],
     }
+
+
+def pbs2p_options(n: int, m: int, options: dict, cfs_samples: int):
+    """Split ``+key=value`` overrides into a :class:`pbs2p.PBS2P` and the keyword options of ``calibrate``."""
+    from pbs2p import CFS, PBS2P, ScaleTuning
+
+    options = dict(options)
+    if isinstance(options.get("extras"), str):
+        options["extras"] = [] if options["extras"] == "none" else options["extras"].split("/")
+    fields = {k: options.pop(k) for k in ("scale_block", "spbo_steps", "refine_rounds", "compensation", "extras")
+              if k in options}
+    cfs = {k: options.pop(f"cfs_{k}" if k == "normalize" else k) for k in ("n_low", "n_high", "normalize")
+           if (f"cfs_{k}" if k == "normalize" else k) in options}
+    tune = {k: options.pop(f"tune_{k}") for k in ("steps", "lr") if f"tune_{k}" in options}
+    calibrate_options = {
+        "cfs": CFS(samples=cfs_samples, **cfs) if options.pop("cfs", True) else None,
+        "tuning": ScaleTuning(**tune) if tune.get("steps", 3) > 0 else None,
+        "true_sequential": options.pop("true_sequential", True),
+    }
+    if options:
+        raise ValueError(f"unknown options {sorted(options)}")
+    return PBS2P(n=n, m=m, **fields), calibrate_options
 
 
 def _errors(records) -> dict[str, float]:
@@ -199,10 +220,10 @@ def dense_weights(model: torch.nn.Module) -> int:
 # ------------------------------------------------------------------------------------------- worker
 def worker(args: argparse.Namespace) -> dict:
     """Compress with one method and measure it (runs in its own process)."""
-    from pbs2p.assets import load_model
-    from pbs2p.data.calibration import sample_segments, tokenize_text
-    from pbs2p.data.split import load_split
-    from pbs2p.eval.perplexity import perplexity
+    from pbs2p_lab.assets import load_model
+    from pbs2p_lab.data.calibration import sample_segments, tokenize_text
+    from pbs2p_lab.data.split import load_split
+    from pbs2p_lab.eval.perplexity import perplexity
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -242,7 +263,7 @@ def worker(args: argparse.Namespace) -> dict:
         entry["ppl_detail"] = {"windows": windows, "nll_sum": ppl.nll_sum, "predicted_tokens": ppl.predicted_tokens,
                                "window_nll": [round(x, 3) for x in ppl.window_nll], "wall_s": ppl.wall_s}
     if args.do_zeroshot:
-        from pbs2p.eval.zeroshot import evaluate_tasks
+        from pbs2p_lab.eval.zeroshot import evaluate_tasks
 
         entry["zeroshot"] = evaluate_tasks(model, tokenizer, limit=args.zeroshot_limit)
     entry["peak_rss_gib_total"] = peak_rss_gib()
@@ -332,11 +353,11 @@ def expand(spec: str) -> list[str]:
 
 
 def context(args: argparse.Namespace) -> dict:
-    from pbs2p.eval.results import package_versions
+    from pbs2p_lab.eval.results import package_versions
 
     return {
         "model": MODEL, "seqlen": SEQLEN, "text": args.text,
-        "text_rule": "held-out articles of pbs2p.data.split" if args.text == "heldout" else
+        "text_rule": "held-out articles of pbs2p_lab.data.split" if args.text == "heldout" else
         f"aligned windows of the calibration stream untouched by the first {VALIDATION_RESERVE[0]} "
         f"segments of {VALIDATION_RESERVE[1]} tokens (seed {args.seed})",
         "versions": package_versions(), "cpu_count": os.cpu_count(),

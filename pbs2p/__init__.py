@@ -11,20 +11,23 @@
 
 from . import interop
 from .config import PBS2P
-from .pipeline import CalibrationResult, calibrate
-from .quantize import ConversionReport, conversion_report, quantize_
+from .pipeline import CFS, CalibrationResult, ScaleTuning, calibrate
+from .quantize import ConversionReport, compress_weight, conversion_report, quantize_
 from .tensor import BinarySparseTensor
 
 interop.register()
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
+    "CFS",
     "PBS2P",
     "BinarySparseTensor",
     "CalibrationResult",
-    "calibrate",
     "ConversionReport",
+    "ScaleTuning",
+    "calibrate",
+    "compress_weight",
     "conversion_report",
     "quantize_",
 ]

@@ -1,33 +1,58 @@
-"""Input observers for the two-step ``quantize_`` workflow: ``step="observe"``, forward passes, ``step="convert"``."""
+"""Input observers of the two-step ``quantize_``: ``step="observe"``, forward passes, ``step="convert"``.
+
+The observer of a linear accumulates its input Hessian ``2XXᵀ/n`` and remembers the config it was
+attached with; ``convert`` must be given the same config (but for ``step``), and the observers are
+removed only once every observed linear is converted.
+"""
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
 from .algorithms import HessianAccumulator
+from .config import PBS2P
 
 
-def _pre_hook(module: torch.nn.Module, args: tuple) -> None:
-    module._pbs2p_observer.add(args[0].detach())
+class Observer:
+    """A linear's input Hessian accumulator, its forward pre-hook and the config it was attached with."""
+
+    def __init__(self, module: torch.nn.Module, config: PBS2P) -> None:
+        self.config = dataclasses.replace(config, step=None)
+        self.hessian = HessianAccumulator(module.weight.shape[1], module.weight.device)
+        self.handle = module.register_forward_pre_hook(lambda _m, args: self.hessian.add(args[0].detach()))
 
 
-def attach_observer(module: torch.nn.Module) -> None:
-    """Start accumulating the input Hessian ``2XXᵀ/n`` of ``module`` (a linear) on every forward."""
-    if getattr(module, "_pbs2p_observer", None) is not None:
-        return
-    module._pbs2p_observer = HessianAccumulator(module.weight.shape[1], module.weight.device)
-    module._pbs2p_hook = module.register_forward_pre_hook(_pre_hook)
+def attach(module: torch.nn.Module, config: PBS2P) -> None:
+    """Start observing ``module``'s inputs (idempotent)."""
+    if observer(module) is None:
+        module._pbs2p_observer = Observer(module, config)
 
 
-def observed_tokens(module: torch.nn.Module) -> int | None:
-    """Input rows the observer of ``module`` has seen (``None`` if it has no observer)."""
-    observer = getattr(module, "_pbs2p_observer", None)
-    return None if observer is None else observer.n_samples
+def observer(module: torch.nn.Module) -> Observer | None:
+    """The observer attached to ``module``, if any."""
+    return getattr(module, "_pbs2p_observer", None)
 
 
-def pop_hessian(module: torch.nn.Module) -> torch.Tensor:
-    """Detach the observer of ``module`` and return its Hessian."""
-    observer: HessianAccumulator = module._pbs2p_observer
-    module._pbs2p_hook.remove()
-    del module._pbs2p_observer, module._pbs2p_hook
-    return observer.hessian()
+def detach(module: torch.nn.Module) -> None:
+    """Remove ``module``'s observer and its hook."""
+    obs = observer(module)
+    if obs is not None:
+        obs.handle.remove()
+        del module._pbs2p_observer
+
+
+def check_convert(name: str, module: torch.nn.Module, config: PBS2P) -> torch.Tensor:
+    """The Hessian to convert ``module`` with; refuses a missing observer, no inputs, or another config."""
+    obs = observer(module)
+    if obs is None:
+        raise ValueError(f"module '{name}' has no observer: run quantize_ with step='observe' first")
+    if obs.hessian.n_samples == 0:
+        raise ValueError(f"module '{name}' saw no calibration input between step='observe' and step='convert'")
+    given = dataclasses.replace(config, step=None)
+    if given != obs.config:
+        diff = [f.name for f in dataclasses.fields(given) if getattr(given, f.name) != getattr(obs.config, f.name)]
+        raise ValueError(f"module '{name}' was observed with another config (differs in {diff}); "
+                         "convert with the config given to step='observe'")
+    return obs.hessian.hessian()

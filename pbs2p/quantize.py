@@ -1,21 +1,19 @@
-"""The ``quantize_`` handler of :class:`~pbs2p.PBS2P`, and what was converted or skipped and why."""
+"""Converting linears: ``quantize_`` (atomic, reports what it did), the torchao handler, ``compress_weight``."""
 
 from __future__ import annotations
 
+import gc
 import logging
-import sys
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
-from torchao.quantization import quantize_ as _torchao_quantize_
-from torchao.quantization.quant_api import _is_linear
 from torchao.quantization.transform_module import register_quantize_module_handler
 
-from .algorithms import compress_weight
-from .config import PBS2P
-from .observe import attach_observer, observed_tokens, pop_hessian
+from . import observe
+from .algorithms import BinarizedWeight, compress
+from .config import CALIBRATED_ONLY, PBS2P
 from .tensor import BinarySparseTensor
 
 log = logging.getLogger("pbs2p")
@@ -23,32 +21,69 @@ log = logging.getLogger("pbs2p")
 FilterFn = Callable[[torch.nn.Module, str], bool]
 
 
+def is_linear(module: torch.nn.Module, name: str = "") -> bool:
+    """The default filter: every ``nn.Linear``."""
+    return isinstance(module, torch.nn.Linear)
+
+
+def compress_weight(weight: torch.Tensor, config: PBS2P, hessian: torch.Tensor | None = None) -> BinarySparseTensor:
+    """Compress one ``[out, in]`` float weight into a :class:`BinarySparseTensor` (``hessian=None``: data-free).
+
+    Example:
+        >>> import torch
+        >>> from pbs2p import PBS2P, compress_weight
+        >>> w = compress_weight(torch.randn(128, 64), PBS2P(n=4, m=8))
+        >>> w.shape, w.nm(), round(w.bits_per_weight(), 3)
+        (torch.Size([128, 64]), (4, 8), 2.375)
+    """
+    refuse_unused(config, calibrated=hessian is not None)
+    return to_tensor(compress_parts(weight, config, hessian), config.n, config.m, weight.dtype)
+
+
+def compress_parts(weight: torch.Tensor, config: PBS2P, hessian: torch.Tensor | None, n: int | None = None
+                   ) -> BinarizedWeight:
+    """The method's result for one weight (``n`` overrides ``config.n``: CFS's per-block N)."""
+    return compress(weight.detach(), hessian, config.n if n is None else n, config.m, scale_block=config.scale_block,
+                    spbo_steps=config.spbo_steps if n in (None, config.n) else None,
+                    refine_rounds=config.refine_rounds, compensation=config.compensation, extras=config.extras)
+
+
+def to_tensor(parts: BinarizedWeight, n: int, m: int, dtype: torch.dtype) -> BinarySparseTensor:
+    """Pack the method's result (the one place weights are packed)."""
+    return BinarySparseTensor.from_parts(parts.mask, parts.signs, parts.alpha, parts.mu, n=n, m=m,
+                                         scale_block=parts.scale_block, dtype=dtype)
+
+
+def refuse_unused(config: PBS2P, *, calibrated: bool) -> None:
+    """Refuse options that compressing without a Hessian would silently ignore."""
+    unused = [] if calibrated else config.non_default(CALIBRATED_ONLY)
+    if unused:
+        raise ValueError(f"PBS2P options {unused} act only with calibration data (pbs2p.calibrate, or "
+                         "step='observe' then 'convert'); data-free conversion would ignore them")
+
+
 def tied_weight_ids(model: torch.nn.Module) -> set[int]:
     """``id`` of every parameter that ``model`` holds under more than one name (tied weights)."""
-    counts: dict[int, int] = {}
+    seen: dict[int, int] = {}
     for _, param in model.named_parameters(remove_duplicate=False):
-        counts[id(param)] = counts.get(id(param), 0) + 1
-    return {key for key, count in counts.items() if count > 1}
+        seen[id(param)] = seen.get(id(param), 0) + 1
+    return {key for key, count in seen.items() if count > 1}
 
 
-def skip_reason(
-    module: torch.nn.Module, config: PBS2P, parameter_name: str = "weight", tied: set[int] | None = None
-) -> str | None:
-    """Why ``module`` cannot be converted with ``config`` (``None`` if it can).
-
-    ``tied``: ids of the model's tied parameters (:func:`tied_weight_ids`). A weight shared with another
-    module (e.g. an LM head tied to the input embedding) is left as it is: converting it would untie
-    it and store the matrix twice; untie it first to compress it.
-    """
+def skip_reason(module: torch.nn.Module, config: PBS2P, parameter_name: str = "weight",
+                tied: set[int] | None = None) -> str | None:
+    """Why ``module`` cannot be converted with ``config`` (``None`` if it can)."""
     weight = getattr(module, parameter_name, None)
     if isinstance(weight, BinarySparseTensor):
         return "already converted"
+    if not isinstance(module, torch.nn.Linear):
+        return f"{type(module).__name__} is not an nn.Linear (only linears are converted)"
     if not isinstance(weight, torch.Tensor):
         return f"has no tensor '{parameter_name}'"
-    if tied and id(weight) in tied:
+    if tied is not None and id(weight) in tied:
         return "weight is tied to another module's (e.g. the input embedding); untie it to convert it"
-    if weight.dim() != 2:
-        return f"weight is {weight.dim()}-D, not 2-D"
+    if weight.dim() != 2 or weight.numel() == 0:
+        return f"weight of shape {tuple(weight.shape)} is not a non-empty 2-D matrix"
     if not weight.dtype.is_floating_point:
         return f"weight dtype {weight.dtype} is not floating point"
     if weight.shape[1] % config.m:
@@ -58,14 +93,12 @@ def skip_reason(
     return None
 
 
-def check_finite(name: str, weight: torch.Tensor) -> None:
+def check_finite(name: str, weight: torch.Tensor, *, unchanged: str = "the model was left unchanged") -> None:
     """Raise ``ValueError`` naming the module if its weight holds NaN or Inf."""
     bad = ~torch.isfinite(weight)
     if bool(bad.any()):
-        raise ValueError(
-            f"module '{name}' has {int(bad.sum())} NaN/Inf values in its weight; "
-            "refusing to convert (the model was left unchanged)"
-        )
+        raise ValueError(f"module '{name}' has {int(bad.sum())} NaN/Inf values in its weight; "
+                         f"refusing to convert ({unchanged})")
 
 
 @dataclass
@@ -74,7 +107,7 @@ class ConversionReport:
 
     Example:
         >>> import torch
-        >>> from pbs2p import PBS2P, conversion_report, quantize_
+        >>> from pbs2p import PBS2P, quantize_
         >>> model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 5), torch.nn.Linear(5, 3))
         >>> report = quantize_(model, PBS2P(n=4, m=8))
         >>> [name for name, _ in report.converted], report.skipped
@@ -98,6 +131,10 @@ class ConversionReport:
         """Every stored bit of the converted weights over their number of weights."""
         return 8 * self.packed_nbytes / max(self.num_weights, 1)
 
+    def kept_fraction(self) -> float:
+        """Kept weights over all converted weights: the papers' "bits" (one bit per kept weight)."""
+        return sum(w.numel() * w.n / w.m for _, w in self.converted) / max(self.num_weights, 1)
+
     def __str__(self) -> str:
         lines = [f"{len(self.converted)} linear(s) converted, {len(self.skipped)} skipped"]
         for name, w in self.converted:
@@ -108,9 +145,8 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-def conversion_report(
-    model: torch.nn.Module, config: PBS2P | None = None, filter_fn: FilterFn | None = None
-) -> ConversionReport:
+def conversion_report(model: torch.nn.Module, config: PBS2P | None = None,
+                      filter_fn: FilterFn | None = None) -> ConversionReport:
     """Report every linear of ``model`` as converted, or skipped with the reason.
 
     Example:
@@ -123,7 +159,7 @@ def conversion_report(
     config = config or PBS2P()
     report = ConversionReport()
     tied = tied_weight_ids(model)
-    for name, module in _candidates(model, filter_fn or _is_linear):
+    for name, module in candidates(model, filter_fn or is_linear):
         weight = getattr(module, "weight", None)
         if isinstance(weight, BinarySparseTensor):
             report.converted.append((name, weight))
@@ -133,11 +169,11 @@ def conversion_report(
 
 
 def quantize_(model: torch.nn.Module, config: PBS2P, filter_fn: FilterFn | None = None) -> ConversionReport:
-    """Convert ``model`` in place like ``torchao.quantization.quantize_``, and report what happened.
+    """Convert ``model`` in place like ``torchao.quantization.quantize_``, atomically, and report what happened.
 
-    Refuses (and leaves the model unchanged) when no linear can be converted or a weight holds
-    NaN/Inf. Skipped linears are listed with the reason in the returned report. A transformers
-    model is marked as torchao-quantized, so ``save_pretrained`` writes the packed weights.
+    Every selected linear is checked and compressed first; only then are the weights swapped, so a
+    refusal or failure leaves the model as it was. Tied weights are skipped (never untied). A
+    transformers model is marked as torchao-quantized, so ``save_pretrained`` writes the packed weights.
 
     Example:
         >>> import torch
@@ -152,28 +188,42 @@ def quantize_(model: torch.nn.Module, config: PBS2P, filter_fn: FilterFn | None 
     """
     if not isinstance(config, PBS2P):
         raise TypeError(f"config must be a PBS2P, got {type(config).__name__}")
-    filter_fn = filter_fn or _is_linear
-    candidates = list(_candidates(model, filter_fn))
+    refuse_unused(config, calibrated=config.step is not None)
     tied = tied_weight_ids(model)
-    if config.step != "convert" and not any(skip_reason(mod, config, tied=tied) is None for _, mod in candidates):
-        raise ValueError(
-            f"no linear of this {type(model).__name__} can be converted with {config.n}:{config.m} "
-            f"({len(candidates)} linear(s) found, none eligible); the model was left unchanged"
-        )
-    try:
-        _torchao_quantize_(model, config, filter_fn=filter_fn)
-    finally:
-        _TIED.clear()
+    selected = list(candidates(model, filter_fn or is_linear))
+    eligible = [(name, mod) for name, mod in selected if skip_reason(mod, config, tied=tied) is None]
+    if config.step == "convert":
+        eligible = [(name, mod) for name, mod in eligible if observe.observer(mod) is not None]
+    chosen = {name for name, _ in eligible}
+    for name, mod in selected:
+        if name not in chosen:
+            reason = skip_reason(mod, config, tied=tied) or "no observer (run step='observe' first)"
+            log.info("skipped %s: %s", name, reason)
+    if not eligible:
+        raise ValueError(f"no linear of this {type(model).__name__} can be converted with {config.n}:{config.m} "
+                         f"({len(selected)} module(s) selected, none eligible); the model was left unchanged")
+    if config.step == "observe":
+        for _, mod in eligible:
+            observe.attach(mod, config)
+    else:
+        new = {}
+        for name, mod in eligible:
+            check_finite(name or type(mod).__name__, mod.weight)
+            hessian = observe.check_convert(name, mod, config) if config.step == "convert" else None
+            new[name] = to_tensor(compress_parts(mod.weight, config, hessian), config.n, config.m, mod.weight.dtype)
+        for name, mod in eligible:  # nothing has changed so far: swap everything now
+            _swap(mod, "weight", new[name])
+            observe.detach(mod)
     report = conversion_report(model, config, filter_fn)
-    if report.converted and config.step is None:
+    if report.converted and config.step != "observe":
         from .interop import mark_hf_quantized
 
         mark_hf_quantized(model, config)
     return report
 
 
-def _candidates(model: torch.nn.Module, filter_fn: FilterFn) -> Iterator[tuple[str, torch.nn.Module]]:
-    """Modules ``quantize_`` hands to the handler, in its order (it does not descend into a match)."""
+def candidates(model: torch.nn.Module, filter_fn: FilterFn) -> Iterator[tuple[str, torch.nn.Module]]:
+    """Modules ``quantize_`` selects, in torchao's order (it does not descend into a match)."""
 
     def walk(module: torch.nn.Module, name: str) -> Iterator[tuple[str, torch.nn.Module]]:
         if filter_fn(module, name):
@@ -185,106 +235,40 @@ def _candidates(model: torch.nn.Module, filter_fn: FilterFn) -> Iterator[tuple[s
     yield from walk(model, "")
 
 
-def _torchao_call() -> tuple[torch.nn.Module | None, FilterFn | None, str | None]:
-    """The root model, filter and current module name of the running ``torchao`` ``quantize_`` call.
-
-    torchao passes the handler only the module. Its caller frames hold the module's name and the root
-    model; reading them lets a refusal name the module and happen before any module is changed.
-    Returns ``(None, None, None)`` when the handler is called some other way.
-    """
-    name = None
-    frame = sys._getframe(2)
-    while frame is not None:
-        code = frame.f_code
-        if name is None and code.co_name == "_replace_with_custom_fn_if_matches_filter":
-            name = frame.f_locals.get("cur_fqn", "")[:-1]
-        if code.co_name == "quantize_" and "torchao" in code.co_filename:
-            return frame.f_locals.get("model"), frame.f_locals.get("filter_fn"), name
-        frame = frame.f_back
-    return None, None, name
+def _swap(module: torch.nn.Module, parameter_name: str, packed: BinarySparseTensor) -> None:
+    setattr(module, parameter_name, torch.nn.Parameter(packed, requires_grad=False))
+    if not isinstance(module.__dict__.get("extra_repr"), types.MethodType):
+        original = module.extra_repr
+        module.extra_repr = types.MethodType(
+            lambda self: f"{original()}, {parameter_name}={getattr(self, parameter_name)!r}", module)
 
 
-_TIED: set[int] = set()  # tied parameter ids of the model of the running quantize_ call
-
-
-def _validate_model_once(module: torch.nn.Module, config: PBS2P) -> str:
-    """On the first module of a ``quantize_`` call, check every module it will touch; return the name."""
-    root, filter_fn, name = _torchao_call()
-    if root is None or filter_fn is None:
-        _TIED.clear()
-        return name or type(module).__name__
-    first = next(_candidates(root, filter_fn), None)  # only the first module's call walks the whole model
-    if first is not None and first[1] is module:
-        _TIED.clear()
-        _TIED.update(tied_weight_ids(root))
-        for cand_name, cand in _candidates(root, filter_fn):
-            label = cand_name or type(cand).__name__
-            if config.step == "convert" and observed_tokens(cand) == 0:
-                raise ValueError(
-                    f"module '{label}' saw no calibration input between step='observe' and step='convert'; "
-                    "refusing to convert (the model was left unchanged)"
-                )
-            if skip_reason(cand, config, tied=_TIED) is None and config.step != "observe":
-                check_finite(label, cand.weight)
-    return name or type(module).__name__
+def _held_elsewhere(module: torch.nn.Module, weight: torch.Tensor) -> bool:
+    """Whether another module holds the same Parameter (tied weights), found from its referrers."""
+    return any(isinstance(r, dict) and r is not module._parameters and any(v is weight for v in r.values())
+               for r in gc.get_referrers(weight))
 
 
 @register_quantize_module_handler(PBS2P)
 def _pbs2p_transform(module: torch.nn.Module, config: PBS2P, *, parameter_name: str = "weight") -> torch.nn.Module:
-    name = _validate_model_once(module, config)
-    if config.step == "convert" and getattr(module, "_pbs2p_observer", None) is None:
-        log.info("skipped %s: no observer attached (run quantize_ with step='observe' first)", name)
-        return module
-    reason = skip_reason(module, config, parameter_name, tied=_TIED)
-    if reason is not None:
-        log.info("skipped %s: %s", name, reason)
+    """The handler ``torchao.quantization.quantize_`` calls for each selected module (one at a time)."""
+    refuse_unused(config, calibrated=config.step is not None)
+    weight = getattr(module, parameter_name, None)
+    tied = {id(weight)} if isinstance(weight, torch.Tensor) and _held_elsewhere(module, weight) else None
+    reason = skip_reason(module, config, parameter_name, tied=tied)
+    if reason is not None or (config.step == "convert" and observe.observer(module) is None):
+        log.info("skipped %s: %s", type(module).__name__, reason or "no observer (run step='observe' first)")
         return module
     if config.step == "observe":
-        attach_observer(module)
+        observe.attach(module, config)
         return module
-    weight = getattr(module, parameter_name)
-    check_finite(name, weight)
-    hessian = pop_hessian(module) if config.step == "convert" else None
-    packed = compress_to_tensor(weight, config, hessian)
-    setattr(module, parameter_name, torch.nn.Parameter(packed, requires_grad=False))
-    module.extra_repr = types.MethodType(_extra_repr(module.extra_repr, parameter_name), module)
-    log.debug("converted %s: %r", name, packed)
+    label = f"{type(module).__name__}(in_features={weight.shape[1]}, out_features={weight.shape[0]})"
+    check_finite(label, weight, unchanged="torchao's quantize_ converts module by module: this one is left as it "
+                 "is, those before it are converted; pbs2p.quantize_ checks every linear first and changes nothing")
+    hessian = observe.check_convert(label, module, config) if config.step == "convert" else None
+    _swap(module, parameter_name, compress_weight(weight, config, hessian))
+    observe.detach(module)
     return module
 
 
-def compress_to_tensor(
-    weight: torch.Tensor, config: PBS2P, hessian: torch.Tensor | None = None, n: int | None = None
-) -> BinarySparseTensor:
-    """Compress one weight with ``config`` (``n`` overrides ``config.n``, e.g. CFS's per-layer N)."""
-    n = config.n if n is None else n
-    result = compress_weight(
-        weight.detach(),
-        hessian,
-        n=n,
-        m=config.m,
-        scale_block=config.scale_block,
-        method=config.method,
-        block_size=config.block_size,
-        compensation=config.compensation,
-        spbo_steps=None if n != config.n else config.spbo_steps,
-        refine_rounds=config.refine_rounds,
-        damp=config.damp,
-        seed=config.seed,
-    )
-    return BinarySparseTensor.from_parts(
-        result.mask,
-        result.signs,
-        result.alpha,
-        result.mu,
-        n=n,
-        m=config.m,
-        scale_block=result.scale_block,
-        dtype=weight.dtype,
-    )
-
-
-def _extra_repr(original: Callable[[], str], parameter_name: str) -> Callable[[torch.nn.Module], str]:
-    def extra_repr(self: torch.nn.Module) -> str:
-        return f"{original()}, {parameter_name}={getattr(self, parameter_name)!r}"
-
-    return extra_repr
+__all__ = ["ConversionReport", "compress_weight", "conversion_report", "quantize_"]

@@ -30,7 +30,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def tiny():
-    """The packaged tiny random LLaMA and its tokenizer (``pbs2p.assets.load_model("tiny")``)."""
-    from pbs2p.assets import load_model
+    """The packaged tiny random LLaMA and its tokenizer (``pbs2p_lab.assets.load_model("tiny")``)."""
+    from pbs2p_lab.assets import load_model
 
     return load_model("tiny")

@@ -1,24 +1,16 @@
-"""Layer Hessian utilities: accumulate ``H = 2XXᵀ/n``, damp it, invert it, factor ``H⁻¹ = UᵀU``.
+"""The layer Hessian ``H = 2XXᵀ/n``: accumulate it, damp it, factor ``H⁻¹ = UᵀU``; output errors under it.
 
-The upper Cholesky factor ``U`` of ``H⁻¹`` is what GPTQ/SparseGPT sweep with: eliminating columns in
-order, the inverse Hessian of the still-free columns ``j:`` is ``U[j:, j:]ᵀ U[j:, j:]``, so ``U[j, j]²`` is
-the OBS denominator of column ``j`` and ``U[j, j:]/U[j, j]`` its optimal compensation direction.
-
-Robustness (calibration data of real LLMs has both):
-* dead inputs (``H_jj = 0``, e.g. a channel that is always zero): ``H_jj := 1`` and the column is
-  reported in ``dead`` — any weight there has no effect on the output;
-* singular or badly conditioned ``H``: damping ``λ = damp · mean(diag H)`` on the diagonal, and if the
-  Cholesky still fails, ``λ`` grows ×10 up to 6 times (then ``ValueError``).
-The factorization runs in float64; ``U`` is returned in float32.
+``U`` (upper Cholesky factor of ``H⁻¹``) is what GPTQ/SparseGPT sweep with: eliminating columns in order,
+``U[j, j]²`` is the OBS denominator of column ``j`` and ``U[j, j:]/U[j, j]`` its compensation direction.
+Dead inputs (``H_jj = 0``) get ``H_jj := 1`` and are reported, since their weights never reach the output;
+if the Cholesky factorization fails, the damping grows ×10 up to 6 times. Factorization in float64.
 
 Example:
     >>> import torch
-    >>> X = torch.randn(256, 16)
-    >>> H = hessian_from_inputs(X)
-    >>> prep = prepare_hessian(H)
-    >>> U = prep.U
-    >>> Hinv = torch.linalg.inv(prep.H.double())
-    >>> bool(torch.allclose((U.T @ U).double(), Hinv, atol=1e-5))
+    >>> acc = HessianAccumulator(16)
+    >>> acc.add(torch.randn(256, 16))
+    >>> prep = prepare_hessian(acc.hessian())
+    >>> bool(torch.allclose((prep.U.T @ prep.U).double(), torch.linalg.inv(prep.H), atol=1e-5))
     True
 """
 
@@ -29,16 +21,8 @@ from dataclasses import dataclass
 import torch
 
 
-def hessian_from_inputs(X: torch.Tensor) -> torch.Tensor:
-    """``H = 2·XᵀX / n_samples`` for layer inputs ``X`` of shape ``[n_samples, in]`` (float32 result)."""
-    if X.dim() != 2:
-        raise ValueError(f"X must be [n_samples, in_features], got shape {tuple(X.shape)}")
-    Xd = X.double()
-    return (2.0 * Xd.T @ Xd / X.shape[0]).float()
-
-
 class HessianAccumulator:
-    """Running ``2·XᵀX / n`` over batches (float32 batch products, float64 running sum).
+    """Running ``2·XᵀX / n`` over batches: float32 batch products, a float64 running sum.
 
     >>> import torch
     >>> acc = HessianAccumulator(8)
@@ -52,38 +36,28 @@ class HessianAccumulator:
         self.n_samples = 0
 
     def add(self, x: torch.Tensor) -> None:
-        """Add the rows of ``x`` (any leading shape): ``XᵀX`` of the batch in float32, summed in float64.
-
-        A float32 product per batch is as accurate as the activations it is computed from and runs at
-        about twice the float64 speed; the running sum stays float64 so many batches do not drift.
-        """
+        """Add the rows of ``x`` (any leading shape, any float dtype)."""
         x = x.reshape(-1, x.shape[-1]).to(self.sum.device, torch.float32)
         self.sum += (x.T @ x).double()
         self.n_samples += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
         if self.n_samples == 0:
-            raise ValueError("no samples were added to the HessianAccumulator")
+            raise ValueError("no calibration inputs reached this layer (the Hessian has no samples)")
         return (2.0 * self.sum / self.n_samples).float()
 
 
 @dataclass
 class PreparedHessian:
-    """``H`` damped and repaired, its float64 inverse's upper Cholesky factor ``U`` (float32), extras."""
+    """``H`` damped and repaired (float64), the upper Cholesky factor ``U`` of its inverse (float32)."""
 
-    H: torch.Tensor  # float64 [in, in], dead diagonals set to 1, damping added
-    U: torch.Tensor  # float32 [in, in], upper triangular, H⁻¹ = UᵀU
-    dead: torch.Tensor  # bool [in]
-    damp_used: float  # λ / mean(diag H) actually applied
+    H: torch.Tensor
+    U: torch.Tensor
+    dead: torch.Tensor  # bool [in]: inputs that are always zero
 
 
-def damp_hessian(H: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float64 copy of ``H`` with dead diagonals set to 1 and ``λ = damp·mean(diag)`` added.
-
-    Returns ``(H_damped, dead)``.
-    """
-    if damp < 0:
-        raise ValueError(f"damp must be >= 0, got {damp}")
+def prepare_hessian(H: torch.Tensor, damp: float = 0.01, max_retries: int = 6) -> PreparedHessian:
+    """Damp ``H`` by ``damp·mean(diag H)``, invert it, return the upper Cholesky factor of ``H⁻¹``."""
     Hd = H.double().clone()
     Hd = 0.5 * (Hd + Hd.T)
     diag = torch.diagonal(Hd)
@@ -93,15 +67,6 @@ def damp_hessian(H: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, tor
     diag[dead] = 1.0
     mean_diag = float(diag[~dead].mean()) if bool((~dead).any()) else 1.0
     diag += damp * mean_diag
-    return Hd, dead
-
-
-def prepare_hessian(H: torch.Tensor, damp: float = 0.01, max_retries: int = 6) -> PreparedHessian:
-    """Damp ``H``, invert it and return the upper Cholesky factor of ``H⁻¹`` (retrying with more damping)."""
-    Hd, dead = damp_hessian(H, damp)
-    live = ~dead
-    diag0 = torch.diagonal(H.double())
-    mean_diag = float(diag0[live].mean()) if bool(live.any()) else 1.0
     eye = torch.eye(Hd.shape[0], dtype=Hd.dtype, device=Hd.device)
     extra = 0.0  # additional damping, as a fraction of mean(diag H)
     for _ in range(max_retries + 1):
@@ -110,7 +75,26 @@ def prepare_hessian(H: torch.Tensor, damp: float = 0.01, max_retries: int = 6) -
         if int(info) == 0:
             U, info2 = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
             if int(info2) == 0 and bool(torch.isfinite(U).all()):
-                return PreparedHessian(H=Ht, U=U.float(), dead=dead, damp_used=damp + extra)
+                return PreparedHessian(H=Ht, U=U.float(), dead=dead)
         extra = max(damp, 1e-4) if extra == 0.0 else extra * 10.0
     raise ValueError("H is not positive definite even after increasing the damping 10^6-fold")
 
+
+def output_error_sq(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
+    """``tr((W − Ŵ) H (W − Ŵ)ᵀ)``, i.e. ``(2/n)·‖(W − Ŵ)X‖²_F`` for ``H = 2XᵀX/n`` (float64)."""
+    E = W.double() - W_hat.double()
+    return float(((E @ H.double()) * E).sum())
+
+
+def relative_output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor | None = None) -> float:
+    """``‖(W − Ŵ)X‖_F / ‖WX‖_F`` through ``H``; with ``H=None`` the weight-space ``‖W − Ŵ‖/‖W‖``.
+
+    >>> import torch
+    >>> W = torch.randn(4, 8)
+    >>> relative_output_error(W, torch.zeros(4, 8), torch.eye(8))
+    1.0
+    """
+    if H is None:
+        return float(torch.linalg.norm(W.double() - W_hat.double()) / torch.linalg.norm(W.double()))
+    den = output_error_sq(W, torch.zeros_like(W), H)
+    return (output_error_sq(W, W_hat, H) / den) ** 0.5 if den > 0 else 0.0

@@ -59,8 +59,12 @@ class NMTables:
         return self.idx_bits + self.n
 
 
-def check_nm(n: int, m: int) -> None:
-    """Raise ``ValueError`` unless ``1 <= n < m`` and ``m`` is a supported group size.
+def check_nm(n: int, m: int, in_features: int | None = None, *, packed: bool = True) -> None:
+    """Raise unless ``n:m`` is a pattern this format stores (``packed``) or the method accepts.
+
+    ``packed``: ``m`` is one of :data:`SUPPORTED_M` and ``1 <= n < m``. Otherwise (the compression
+    algorithms, which also binarize without pruning) ``1 <= n <= m``. With ``in_features``, it must
+    be a multiple of ``m``. Non-integers (``bool`` included) raise ``TypeError``.
 
     >>> check_nm(4, 8)
     >>> check_nm(8, 8)
@@ -68,12 +72,23 @@ def check_nm(n: int, m: int) -> None:
     ...
     ValueError: N:M = 8:8 is not a sparsity pattern: need 1 <= N < M
     """
-    if not (isinstance(n, int) and isinstance(m, int)):
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (n, m)):
         raise TypeError(f"N and M must be integers, got N={n!r}, M={m!r}")
-    if m not in SUPPORTED_M:
+    if packed and m not in SUPPORTED_M:
         raise ValueError(f"M = {m} is not supported: M must be one of {SUPPORTED_M}")
-    if not 1 <= n < m:
-        raise ValueError(f"N:M = {n}:{m} is not a sparsity pattern: need 1 <= N < M")
+    if not (1 <= n < m if packed else 1 <= n <= m):
+        raise ValueError(f"N:M = {n}:{m} is not a sparsity pattern: need 1 <= N {'<' if packed else '<='} M")
+    if in_features is not None and in_features % m:
+        raise ValueError(f"in_features = {in_features} is not a multiple of M = {m}")
+
+
+def index_bits(n: int, m: int) -> int:
+    """Bits of the combinatorial index of an ``n``-of-``m`` kept set: ``ceil(log2 C(m, n))`` (0 if ``n = m``).
+
+    >>> index_bits(4, 8), index_bits(2, 4), index_bits(8, 8)
+    (7, 3, 0)
+    """
+    return math.ceil(math.log2(math.comb(m, n)))
 
 
 @functools.cache
@@ -86,7 +101,7 @@ def nm_tables(n: int, m: int) -> NMTables:
     """
     check_nm(n, m)
     masks = [s for s in range(1 << m) if s.bit_count() == n]
-    idx_bits = max(1, math.ceil(math.log2(len(masks))))
+    idx_bits = index_bits(n, m)
     rank_of_mask = torch.full((1 << m,), -1, dtype=torch.int64)
     rank_of_mask[torch.tensor(masks)] = torch.arange(len(masks))
     bits = torch.tensor([[(s >> j) & 1 for j in range(m)] for s in masks], dtype=torch.int64)
@@ -200,8 +215,20 @@ def _constant(table: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def expand_scales(scale: torch.Tensor, scale_block: int, in_features: int) -> torch.Tensor:
-    """Repeat per-block scales ``[out, n_blocks]`` to one value per column ``[out, in_features]``."""
+    """Repeat per-block values ``[out, n_blocks]`` to one value per column ``[out, in_features]``."""
+    if scale.shape[1] == 1:
+        return scale.expand(scale.shape[0], in_features)
     return scale.repeat_interleave(scale_block, dim=1)[:, :in_features]
+
+
+def dense(ternary: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor, scale_block: int,
+          dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``W_hat = kept * (alpha * sign + mu)`` from the kept weights' signs ``ternary`` in {-1, 0, +1}."""
+    k = ternary.shape[1]
+    dtype = dtype or alpha.dtype
+    a = expand_scales(alpha.to(dtype), scale_block, k)
+    b = expand_scales(mu.to(dtype), scale_block, k)
+    return ternary.ne(0).to(dtype) * (a * ternary.to(dtype) + b)
 
 
 def dequantize(
@@ -214,10 +241,4 @@ def dequantize(
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Dense weight ``W_hat = mask * (alpha * sign + mu)`` from the packed fields (plain torch, compilable)."""
-    out = alpha.shape[0]
-    ternary = unpack_ternary(codes, n, m, out)
-    k = ternary.shape[1]
-    dtype = dtype or alpha.dtype
-    a = expand_scales(alpha.to(dtype), scale_block, k)
-    b = expand_scales(mu.to(dtype), scale_block, k)
-    return ternary.ne(0).to(dtype) * (a * ternary.to(dtype) + b)
+    return dense(unpack_ternary(codes, n, m, alpha.shape[0]), alpha, mu, scale_block, dtype)

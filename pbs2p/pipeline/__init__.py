@@ -1,13 +1,16 @@
 """Calibrated compression of whole causal LMs, block by block."""
 
-from .calibrate import CalibrationResult, calibrate, eligible_linears
+from .calibrate import CFS, CalibrationResult, calibrate, eligible_linears
 from .families import decoder_blocks
+from .scale_tuning import ScaleTuning
 from .sequential import BlockRecord, LinearCompressor, SequentialRunner
 
 __all__ = [
+    "CFS",
     "BlockRecord",
     "CalibrationResult",
     "LinearCompressor",
+    "ScaleTuning",
     "SequentialRunner",
     "calibrate",
     "decoder_blocks",

@@ -11,10 +11,53 @@ import torch
 from ..algorithms import allocate_n
 from ..config import PBS2P
 from ..interop import mark_hf_quantized
-from ..quantize import ConversionReport, compress_to_tensor, conversion_report, skip_reason
+from ..quantize import ConversionReport, compress_parts, conversion_report, skip_reason, to_tensor
+from .scale_tuning import ScaleTuning
 from .sequential import BlockRecord, SequentialRunner
 
 log = logging.getLogger("pbs2p")
+
+
+@dataclass(frozen=True)
+class CFS:
+    """CFS's coarse search (§3.3): each decoder block keeps its own N, from the cosine similarity of the
+    block's input and output (redundant blocks keep fewer weights); the average kept fraction is exactly
+    ``n / m``.
+
+    Args:
+        n_low, n_high: bounds of a block's N (default ``n - 1`` and ``n + 1``, within ``[1, m - 1]``).
+        normalize: ``"mean"`` or ``"median"`` of the blocks' importances ``1/c`` (see
+            :func:`pbs2p.algorithms.layer_importance`).
+        samples: calibration samples the cosine similarities are measured on.
+
+    Example:
+        >>> from pbs2p import CFS
+        >>> CFS().bounds(4, 8), CFS(n_low=3, n_high=7).bounds(5, 8)
+        ((3, 5), (3, 7))
+        >>> CFS().bounds(2, 4)
+        (1, 3)
+    """
+
+    n_low: int | None = None
+    n_high: int | None = None
+    normalize: str = "mean"
+    samples: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("n_low", "n_high", "samples"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"CFS.{name} must be an int >= 1, got {value!r}")
+        if self.samples is None or self.normalize not in ("mean", "median"):
+            raise ValueError(f"CFS.samples must be set and CFS.normalize 'mean' or 'median', got {self}")
+
+    def bounds(self, n: int, m: int) -> tuple[int, int]:
+        """``(n_low, n_high)`` for target ``n`` of ``m``, with the defaults filled in and checked."""
+        low = max(1, n - 1) if self.n_low is None else self.n_low
+        high = min(m - 1, n + 1) if self.n_high is None else self.n_high
+        if not 1 <= low <= n <= high <= m - 1:
+            raise ValueError(f"CFS needs 1 <= n_low <= n <= n_high <= m - 1, got n_low={low}, n={n}, n_high={high}")
+        return low, high
 
 
 @dataclass
@@ -24,12 +67,12 @@ class CalibrationResult:
     Example:
         >>> import torch
         >>> from transformers import LlamaConfig, LlamaForCausalLM
-        >>> from pbs2p import PBS2P, calibrate
+        >>> from pbs2p import CFS, PBS2P, calibrate
         >>> cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         ...                   num_attention_heads=4, num_key_value_heads=2)
-        >>> config = PBS2P(n=6, m=8, n_low=5, n_high=7)
-        >>> result = calibrate(LlamaForCausalLM(cfg), torch.randint(0, 128, (2, 16)), config, progress=False)
-        >>> result.mean_kept_fraction(), [b.n for b in result.blocks] in ([5, 7], [6, 6], [7, 5])
+        >>> result = calibrate(LlamaForCausalLM(cfg), torch.randint(0, 128, (2, 16)), PBS2P(n=6, m=8),
+        ...                    cfs=CFS(n_low=5, n_high=7), progress=False)
+        >>> result.report.kept_fraction(), [b.n for b in result.blocks] in ([5, 7], [6, 6], [7, 5])
         (0.75, True)
         >>> sorted(result.blocks[0].errors)[:3]
         ['mlp.down_proj', 'mlp.gate_proj', 'mlp.up_proj']
@@ -40,29 +83,23 @@ class CalibrationResult:
     seconds: float = 0.0
     tokens: int = 0
 
-    def mean_kept_fraction(self) -> float:
-        """Kept weights over all weights of the converted linears (exact, from each tensor's N)."""
-        kept = sum(w.numel() * w.n / w.m for _, w in self.report.converted)
-        return kept / max(self.report.num_weights, 1)
-
 
 def eligible_linears(block: torch.nn.Module, config: PBS2P) -> dict[str, torch.nn.Linear]:
     """The linears of ``block`` that ``config`` can convert, by name inside the block."""
-    return {
-        name: mod
-        for name, mod in block.named_modules()
-        if isinstance(mod, torch.nn.Linear) and skip_reason(mod, config) is None
-    }
+    return {name: mod for name, mod in block.named_modules()
+            if isinstance(mod, torch.nn.Linear) and skip_reason(mod, config) is None}
 
 
 @torch.no_grad()
 def calibrate(
     model: torch.nn.Module,
     calibration: torch.Tensor,
-    config: PBS2P,
+    config: PBS2P | None = None,
     *,
+    cfs: CFS | None = CFS(),
+    true_sequential: bool = True,
+    tuning: ScaleTuning | None = ScaleTuning(),
     batch_size: int = 4,
-    cfs_samples: int = 8,
     progress: bool = True,
 ) -> CalibrationResult:
     """Compress every linear of ``model``'s decoder blocks with PBS²P on ``calibration`` tokens.
@@ -70,9 +107,14 @@ def calibrate(
     Args:
         model: a transformers causal LM (LLaMA, Qwen2, Gemma3, OPT, GPT-2, ... families).
         calibration: ``LongTensor [nsamples, seqlen]`` of token ids.
-        config: the method's settings; ``config.n`` is the target N (per block with ``config.cfs``).
+        config: the weight format and per-weight method (default ``PBS2P()``); ``config.n`` is the
+            target N (per block with ``cfs``).
+        cfs: CFS's per-block N (:class:`CFS`), or ``None`` for ``config.n`` in every block.
+        true_sequential: compress a block's linears in stages (q/k/v, o, gate/up, down), each on inputs
+            that pass through the already-compressed stages (beyond the paper); ``False``: every linear's
+            inputs from the block before any of its linears is compressed.
+        tuning: :class:`ScaleTuning` of each block's scales on its output (beyond the paper), or ``None``.
         batch_size: samples per forward call.
-        cfs_samples: calibration samples used to measure the blocks' cosine similarities (CFS).
         progress: show a progress bar.
 
     Embeddings, the final norm and the LM head stay in full precision. The model is changed in
@@ -86,36 +128,33 @@ def calibrate(
         ...                   num_attention_heads=4, num_key_value_heads=2)
         >>> model = LlamaForCausalLM(cfg).eval()
         >>> result = calibrate(model, torch.randint(0, 128, (4, 32)), PBS2P(n=4, m=8), progress=False)
-        >>> len(result.report.converted), result.mean_kept_fraction()
+        >>> len(result.report.converted), result.report.kept_fraction()
         (14, 0.5)
     """
-    if config.step is not None:
-        raise ValueError(f"calibrate takes a PBS2P with step=None, got step={config.step!r}")
+    config = PBS2P() if config is None else config
+    if not isinstance(config, PBS2P) or config.step is not None:
+        raise ValueError(f"calibrate takes a PBS2P with step=None, got {config!r}")
+    for name, value, kind in (("cfs", cfs, CFS), ("tuning", tuning, ScaleTuning)):
+        if value is not None and not isinstance(value, kind):
+            raise TypeError(f"calibrate's {name} must be a {kind.__name__} or None, got {value!r}")
+    bounds = cfs.bounds(config.n, config.m) if cfs is not None else None
     start = time.perf_counter()
-    fp_stream = config.tune_steps > 0 and config.tune_target == "fp"
-    runner = SequentialRunner(model, calibration, batch_size, fp_target=config.fp_target, fp_stream=fp_stream,
-                              target_damp=config.damp)
+    runner = SequentialRunner(model, calibration, batch_size)
     targets = [eligible_linears(block, config) for block in runner.blocks]
     if not any(targets):
         raise ValueError(f"no linear in the decoder blocks can be converted with {config.n}:{config.m}")
-    cosines = runner.block_cosines(cfs_samples) if config.cfs else None
-    ns = _allocate(config, targets, cosines)
+    cosines = runner.block_cosines(cfs.samples) if cfs is not None else None
+    ns = _allocate(config, cfs, bounds, targets, cosines)
 
-    def compress(i: int, name: str, linear: torch.nn.Linear, hessian: torch.Tensor) -> torch.Tensor:
-        return compress_to_tensor(linear.weight, config, hessian, n=ns[i])
+    def compress(i: int, name: str, linear: torch.nn.Linear, hessian: torch.Tensor):
+        parts = compress_parts(linear.weight, config, hessian, n=ns[i])
+        return to_tensor(parts, ns[i], config.m, linear.weight.dtype), parts
 
-    records = runner.compress(
-        targets, compress, ns=ns, cosines=cosines, progress=progress, desc="PBS²P blocks",
-        true_sequential=config.true_sequential, tune_steps=config.tune_steps, tune_lr=config.tune_lr,
-        tune_target=config.tune_target, tune_norms=config.tune_norms,
-    )
+    records = runner.compress(targets, compress, ns=ns, cosines=cosines, progress=progress, desc="PBS²P blocks",
+                              true_sequential=true_sequential, tuning=tuning)
     for record in records:
-        log.info(
-            "block %d: N=%d, relative output errors %s",
-            record.index,
-            record.n,
-            {k: round(v, 4) for k, v in record.errors.items()},
-        )
+        log.info("block %d: N=%d, relative output errors %s", record.index, record.n,
+                 {k: round(v, 4) for k, v in record.errors.items()})
     report = conversion_report(model, config)
     outside = "outside the decoder blocks (kept in full precision)"
     report.skipped = [(name, outside if reason == "not converted" else reason) for name, reason in report.skipped]
@@ -123,15 +162,15 @@ def calibrate(
     return CalibrationResult(report, records, time.perf_counter() - start, calibration.numel())
 
 
-def _allocate(config: PBS2P, targets: list[dict[str, torch.nn.Linear]], cosines: list[float] | None) -> list[int]:
+def _allocate(config: PBS2P, cfs: CFS | None, bounds: tuple[int, int] | None,
+              targets: list[dict[str, torch.nn.Linear]], cosines: list[float] | None) -> list[int]:
     """CFS coarse: per-block N from the cosine similarities, exact weighted average (or ``n`` everywhere)."""
-    if cosines is None:
+    if cfs is None or cosines is None:
         return [config.n] * len(targets)
-    low, high = config.n_bounds()
     sizes = [sum(lin.weight.numel() for lin in linears.values()) for linears in targets]
     present = [i for i, size in enumerate(sizes) if size]
-    ns = allocate_n([cosines[i] for i in present], config.n, config.m, low, high, [sizes[i] for i in present],
-                    normalize=config.cfs_normalize)
+    ns = allocate_n([cosines[i] for i in present], config.n, config.m, *bounds, [sizes[i] for i in present],
+                    normalize=cfs.normalize)
     allocation = [config.n] * len(targets)
     for i, n in zip(present, ns, strict=True):
         allocation[i] = n

@@ -37,13 +37,15 @@ class BinarySparseTensor(TorchAOBaseTensor):
 
     Example:
         >>> import torch
-        >>> from pbs2p import BinarySparseTensor
-        >>> w = torch.randn(128, 64)
-        >>> q = BinarySparseTensor.from_float(w, n=4, m=8)
+        >>> from pbs2p import PBS2P, compress_weight
+        >>> q = compress_weight(torch.randn(128, 64), PBS2P(n=4, m=8))
         >>> q.shape, q.nm(), round(q.bits_per_weight(), 3)
         (torch.Size([128, 64]), (4, 8), 2.375)
         >>> int((q.dequantize().reshape(128, 8, 8) != 0).sum(-1).unique())
         4
+
+    Integrity: :attr:`checksum` is a digest of everything stored, computed when the tensor is saved
+    (safetensors metadata, ``torch.save``) and verified when it is loaded, never on other constructions.
     """
 
     tensor_data_names = ["qdata", "scale", "zero_point"]
@@ -61,7 +63,8 @@ class BinarySparseTensor(TorchAOBaseTensor):
     def __init__(self, qdata, scale, zero_point, n, m, scale_block, format_version, transposed=False, checksum=None):
         _check_format(format_version)
         _check_consistent(qdata, scale, zero_point, n, m, scale_block)
-        self.checksum = _verified_checksum(qdata, scale, zero_point, n, m, scale_block, checksum)
+        if checksum is not None:  # loading: verify what was stored
+            _verify_checksum(qdata, scale, zero_point, n, m, scale_block, checksum)
         self.qdata = qdata
         self.scale = scale
         self.zero_point = zero_point
@@ -106,24 +109,6 @@ class BinarySparseTensor(TorchAOBaseTensor):
         scale, zero_point = alpha.to(dtype).contiguous(), mu.to(dtype).contiguous()
         return cls(qdata, scale, zero_point, n, m, scale_block, packing.FORMAT_VERSION)
 
-    @classmethod
-    def from_float(cls, weight: torch.Tensor, *, n: int = 4, m: int = 8, **options) -> BinarySparseTensor:
-        """Compress a float weight without data (H = I); ``options`` go to
-        :func:`pbs2p.algorithms.compress_weight` (e.g. ``method``, ``refine_rounds``, ``scale_block``)."""
-        from ..algorithms import compress_weight
-
-        result = compress_weight(weight.detach(), None, n=n, m=m, **options)
-        return cls.from_parts(
-            result.mask,
-            result.signs,
-            result.alpha,
-            result.mu,
-            n=n,
-            m=m,
-            scale_block=result.scale_block,
-            dtype=weight.dtype,
-        )
-
     # ----------------------------------------------------------------- inspection
     @property
     def alpha(self) -> torch.Tensor:
@@ -155,6 +140,28 @@ class BinarySparseTensor(TorchAOBaseTensor):
     def unpack(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The bool N:M ``mask`` and ``signs`` (True = +1 where kept), ``[out, in]`` each."""
         return packing.unpack(self.qdata, self.n, self.m, self.scale.shape[0])
+
+    @property
+    def checksum(self) -> str | None:
+        """Digest of everything stored, computed now (``None`` for tensors without host data, e.g. fake)."""
+        if any(type(t) is not torch.Tensor or t.device.type == "meta" for t in _parts(self)[:3]):
+            return None
+        return content_checksum(*_parts(self))
+
+    def __tensor_flatten__(self):  # the checksum is not part of what compiled code sees
+        return list(self.tensor_data_names), {a: getattr(self, a) for a in (*self.tensor_attribute_names, "transposed")}
+
+    @classmethod
+    def __tensor_unflatten__(cls, tensor_data_dict, tensor_attributes, outer_size, outer_stride):
+        return cls(*(tensor_data_dict[t] for t in cls.tensor_data_names),
+                   *(tensor_attributes[a] for a in (*cls.tensor_attribute_names, "transposed")))
+
+    def _apply_fn_to_data(self, fn):
+        return BinarySparseTensor(*(fn(t) for t in (self.qdata, self.scale, self.zero_point)), self.n, self.m,
+                                  self.scale_block, self.format_version, self.transposed)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "checksum": self.checksum}
 
     def _stable_hash_for_caching(self) -> str:
         """Key for torch.compile's caches: everything the compiled code depends on, not the values."""
@@ -208,34 +215,33 @@ def content_checksum(qdata, scale, zero_point, n, m, scale_block) -> str:
     """A 64-bit BLAKE2b digest of everything stored (bytes of the three tensors and the layout)."""
     digest = hashlib.blake2b(f"{n}:{m}:{scale_block}:{scale.dtype}".encode(), digest_size=8)
     for t in (qdata, scale, zero_point):
-        digest.update(t.detach().reshape(-1).contiguous().view(torch.uint8).numpy())
+        digest.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy())
     return digest.hexdigest()
 
 
-def _verified_checksum(qdata, scale, zero_point, n, m, scale_block, expected: str | None) -> str | None:
-    """Check ``expected`` against the content (or compute it when ``None``); skipped while tracing."""
-    tensors = (qdata, scale, zero_point)
-    if any(type(t) is not torch.Tensor or t.device.type != "cpu" for t in tensors):
-        return expected  # fake/functional tensors under torch.compile, meta or accelerator tensors
+def _verify_checksum(qdata, scale, zero_point, n, m, scale_block, expected: str) -> None:
+    """Refuse content that does not match the stored digest (skipped for tensors without host data)."""
+    if any(type(t) is not torch.Tensor or t.device.type == "meta" for t in (qdata, scale, zero_point)):
+        return
     actual = content_checksum(qdata, scale, zero_point, n, m, scale_block)
-    if expected is not None and expected != actual:
-        raise ValueError(
-            "BinarySparseTensor content does not match its checksum (tampered or corrupted checkpoint): "
-            f"stored {expected}, computed {actual}"
-        )
-    return actual
+    if expected != actual:
+        raise ValueError("BinarySparseTensor content does not match its checksum (tampered or corrupted "
+                         f"checkpoint): stored {expected}, computed {actual}")
 
 
 def _setstate(self: BinarySparseTensor, state: dict) -> None:
-    """Unpickling (``torch.load``): refuse incompatible formats before the tensor can be used."""
+    """Unpickling (``torch.load``): refuse incompatible formats and damaged content before use."""
+    state = dict(state)
+    expected = state.pop("checksum", None)
     torch._utils._set_obj_state(self, state)
     _check_format(getattr(self, "format_version", None))
     if "transposed" not in self.__dict__:
         self.transposed = False
     _check_consistent(self.qdata, self.scale, self.zero_point, self.n, self.m, self.scale_block)
-    self.checksum = _verified_checksum(
-        self.qdata, self.scale, self.zero_point, self.n, self.m, self.scale_block, self.__dict__.get("checksum")
-    )
+    if expected is None:
+        raise ValueError("this pickled BinarySparseTensor has no checksum (written by another tool or edited); "
+                         "refusing to load it")
+    _verify_checksum(*_parts(self), expected)
 
 
 # TorchAOBaseTensor.__init_subclass__ installs its own __setstate__; ours adds the format check.
@@ -264,7 +270,7 @@ def _(func, types, args, kwargs):
 def _(func, types, args, kwargs):
     w = args[0]
     out = BinarySparseTensor(
-        w.qdata, w.scale, w.zero_point, w.n, w.m, w.scale_block, w.format_version, not w.transposed, w.checksum
+        w.qdata, w.scale, w.zero_point, w.n, w.m, w.scale_block, w.format_version, not w.transposed
     )
     return return_and_correct_aliasing(func, args, kwargs, out)
 
@@ -288,7 +294,7 @@ def _untransposed(wt: BinarySparseTensor) -> BinarySparseTensor:
     if not isinstance(wt, BinarySparseTensor) or not wt.transposed:
         raise NotImplementedError("BinarySparseTensor supports x @ W.t() only (the weight as right operand)")
     return BinarySparseTensor(
-        wt.qdata, wt.scale, wt.zero_point, wt.n, wt.m, wt.scale_block, wt.format_version, False, wt.checksum
+        wt.qdata, wt.scale, wt.zero_point, wt.n, wt.m, wt.scale_block, wt.format_version, False
     )
 
 
@@ -308,7 +314,6 @@ def _(func, types, args, kwargs):
         w.scale_block,
         w.format_version,
         w.transposed,
-        w.checksum if dtype == w.dtype else None,
     )
     return return_and_correct_aliasing(func, args, {}, out)
 
@@ -325,8 +330,6 @@ def _(func, types, args, kwargs):
         raise ValueError(f"cannot copy {src!r} into {dst!r}: the packed layouts differ")
     for name in BinarySparseTensor.tensor_data_names:
         getattr(dst, name).copy_(getattr(src, name))
-    same_dtype = dst.scale.dtype == src.scale.dtype
-    dst.checksum = src.checksum if same_dtype else _verified_checksum(*_parts(dst), None)
     return dst
 
 

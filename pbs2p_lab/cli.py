@@ -1,0 +1,414 @@
+"""Command line: ``pbs2p {fetch,compress,eval,run,report}`` (also ``python -m pbs2p``).
+
+``pbs2p run`` is the main job: load SmolLM2, measure FP perplexity on held-out Wikipedia text, compress
+the decoder blocks' linears with PBS²P, measure again, print FP vs compressed and write a result JSON.
+Embeddings and the LM head always stay in full precision.
+
+Examples::
+
+    pbs2p fetch                                    # download + verify every packaged asset once
+    pbs2p run --nm 4:8 --nsamples 8 --ppl-limit 40 --out runs/smollm2_4of8.json
+    pbs2p eval --model smollm2 --tasks default --limit 200 --out benchmarks/results/fp/smollm2.json
+    pbs2p compress --model smollm2 --nm 6:8 --out runs/smollm2_6of8 && pbs2p eval --model runs/smollm2_6of8
+    pbs2p report benchmarks/results/*/*.json --out benchmarks/report
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from pbs2p_lab.data.calibration import DEFAULT_NSAMPLES
+
+__all__ = ["build_parser", "main"]
+
+
+def _nm(text: str) -> tuple[int, int]:
+    try:
+        n, m = (int(v) for v in text.split(":"))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected N:M such as 4:8, got {text!r}") from exc
+    return n, m
+
+
+def _limit(text: str) -> int | None:
+    if text == "all":
+        return None
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("a limit is a positive number or 'all'")
+    return value
+
+
+def _tasks(text: str) -> tuple[str, ...]:
+    from pbs2p_lab.eval.task_configs import AVAILABLE_TASKS, DEFAULT_TASKS
+
+    if text == "none":
+        return ()
+    names = DEFAULT_TASKS if text == "default" else tuple(t.strip() for t in text.split(",") if t.strip())
+    unknown = [t for t in names if t not in AVAILABLE_TASKS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown task(s) {unknown}; known: {', '.join(AVAILABLE_TASKS)}")
+    return names
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2",
+                   help="built-in alias (smollm2, tiny), a `pbs2p compress` folder, an HF folder or hub id")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _extras(text: str) -> tuple[str, ...]:
+    from pbs2p.algorithms import EXTRAS
+
+    names = () if text == "none" else tuple(t.strip() for t in text.split(",") if t.strip())
+    unknown = [t for t in names if t not in EXTRAS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown extra(s) {unknown}; known: {', '.join(EXTRAS)} (or 'none')")
+    return names
+
+
+def _add_compression(p: argparse.ArgumentParser) -> None:
+    from pbs2p.algorithms import EXTRAS
+    from pbs2p.algorithms.method import COMPENSATIONS
+
+    g = p.add_argument_group("compression (PBS2P; options left unset keep the defaults)")
+    g.add_argument("--nm", type=_nm, default=(4, 8), help="N:M sparsity, e.g. 4:8, 6:8, 2:4 (default 4:8)")
+    g.add_argument("--scale-block", type=int, help="columns per (alpha, mu) pair (default: one pair per row)")
+    g.add_argument("--spbo-steps", type=int, help="SPBO steps tau (default m - n; 0 = one-shot)")
+    g.add_argument("--refine-rounds", type=int, help="binarizer refinement rounds (default 3)")
+    g.add_argument("--compensation", choices=COMPENSATIONS, help="error compensation (default column)")
+    g.add_argument("--extras", type=_extras, help=f"additions beyond the paper, comma-separated or 'none' "
+                                                  f"(default {','.join(EXTRAS)})")
+    g = p.add_argument_group("calibration (pbs2p.calibrate; --nsamples 0 = data-free quantize_)")
+    g.add_argument("--nsamples", type=int, default=DEFAULT_NSAMPLES,
+                   help=f"calibration segments of the calibration text (default {DEFAULT_NSAMPLES})")
+    g.add_argument("--calib-seqlen", type=int, default=2048, help="tokens per calibration segment")
+    g.add_argument("--seed", type=int, default=0, help="seed of the calibration sampler")
+    g.add_argument("--cfs", action=argparse.BooleanOptionalAction, default=True, help="CFS per-block N (default on)")
+    g.add_argument("--cfs-normalize", choices=("mean", "median"), help="CFS importance normalisation")
+    g.add_argument("--n-low", type=int, help="CFS lower bound of a block's N (default n - 1)")
+    g.add_argument("--n-high", type=int, help="CFS upper bound of a block's N (default n + 1)")
+    g.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True,
+                   help="compress a block's linears in stages (default on)")
+    g.add_argument("--tune-steps", type=int, default=3, help="scale-tuning passes per block (0 = off; default 3)")
+    g.add_argument("--tune-lr", type=float, help="scale-tuning learning rate (default 0.01)")
+
+
+def _add_measure(p: argparse.ArgumentParser, tasks_default: str) -> None:
+    g = p.add_argument_group("measurement")
+    g.add_argument("--seqlen", type=int, default=2048, help="perplexity window (default 2048)")
+    g.add_argument("--ppl-limit", type=_limit, default=None, help="max perplexity windows, or 'all'")
+    g.add_argument("--tasks", type=_tasks, default=_tasks(tasks_default),
+                   help=f"comma-separated zero-shot tasks, 'default' or 'none' (default {tasks_default})")
+    g.add_argument("--limit", type=_limit, default=None, help="zero-shot examples per task, or 'all'")
+    g.add_argument("--batch-size", type=int, default=8, help="zero-shot batch size")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of the ``pbs2p`` command."""
+    parser = argparse.ArgumentParser(prog="pbs2p", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fetch", help="download, verify and cache the packaged model/text/task assets")
+    p.add_argument("what", nargs="*", default=["smollm2", "tiny", "text", "tasks"],
+                   help="any of smollm2, tiny, text, tasks (default: all)")
+
+    p = sub.add_parser("compress", help="compress a model's decoder linears and save it")
+    _add_model(p)
+    _add_compression(p)
+    p.add_argument("--out", required=True, type=Path, help="output folder (reload it with --model OUT)")
+
+    p = sub.add_parser("eval", help="held-out perplexity and/or zero-shot tasks of a model")
+    _add_model(p)
+    _add_measure(p, tasks_default="none")
+    p.add_argument("--no-ppl", action="store_true", help="skip perplexity")
+    p.add_argument("--out", type=Path, help="result JSON to write")
+
+    p = sub.add_parser("run", help="FP vs PBS2P on SmolLM2: perplexity, bits/weight, size, time")
+    _add_model(p)
+    _add_compression(p)
+    _add_measure(p, tasks_default="none")
+    p.set_defaults(ppl_limit=40)
+    p.add_argument("--out", type=Path, help="result JSON (default runs/run_<model>_<N>of<M>.json)")
+
+    p = sub.add_parser("report", help="markdown table + plots from result JSONs")
+    p.add_argument("files", nargs="+", type=Path)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/report"), help="output folder")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``pbs2p`` and ``python -m pbs2p``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    from pbs2p_lab.assets import AssetError
+
+    commands = {"fetch": _cmd_fetch, "compress": _cmd_compress, "eval": _cmd_eval, "run": _cmd_run,
+                "report": _cmd_report}
+    try:
+        return commands[args.command](args)
+    except (AssetError, CommandError) as exc:
+        print(f"pbs2p: error: {exc}", file=sys.stderr)
+        return 2
+
+
+# ----------------------------------------------------------------------------------------- commands
+class CommandError(RuntimeError):
+    """A problem with what the user asked for, reported as one line (exit status 2)."""
+
+
+def _cmd_fetch(args: argparse.Namespace) -> int:
+    from pbs2p_lab.assets import model_dir
+
+    for what in args.what:
+        if what in ("smollm2", "tiny"):
+            print(f"{what}: {model_dir(what)}")
+        elif what == "text":
+            from pbs2p_lab.data.split import load_split
+
+            split = load_split()
+            print(f"text: {len(split.calibration)} calibration + {len(split.heldout)} held-out articles")
+        elif what == "tasks":
+            from pbs2p_lab.eval.task_configs import AVAILABLE_TASKS, prepare_tasks
+
+            print(f"tasks: {', '.join(AVAILABLE_TASKS)} in {prepare_tasks(AVAILABLE_TASKS)}")
+        else:
+            print(f"pbs2p fetch: unknown asset {what!r} (smollm2, tiny, text, tasks)", file=sys.stderr)
+            return 2
+    return 0
+
+
+def _decoder_linear_filter(model):
+    """(blocks prefix, ``filter_fn``) selecting the nn.Linear modules inside the decoder blocks
+    (so never the embeddings or the LM head)."""
+    import torch
+
+    from pbs2p.pipeline import decoder_blocks
+
+    try:
+        blocks = decoder_blocks(model)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from exc
+    prefix = next(name for name, mod in model.named_modules() if mod is blocks) + "."
+    return prefix, lambda module, name: isinstance(module, torch.nn.Linear) and name.startswith(prefix)
+
+
+def _pbs2p_config(args: argparse.Namespace):
+    """The PBS2P config and the calibrate options the arguments ask for (refusing unused options)."""
+    from pbs2p import CFS, PBS2P, ScaleTuning
+
+    n, m = args.nm
+    names = ("scale_block", "spbo_steps", "refine_rounds", "compensation", "extras")
+    options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    calibration_only = {"--cfs-normalize": args.cfs_normalize, "--n-low": args.n_low, "--n-high": args.n_high,
+                        "--tune-lr": args.tune_lr, "--compensation": args.compensation, "--extras": args.extras}
+    if args.nsamples == 0:
+        given = [flag for flag, value in calibration_only.items() if value is not None]
+        given += ["--no-cfs"] * (not args.cfs) + ["--no-true-sequential"] * (not args.true_sequential)
+        if given or args.tune_steps != 3:
+            raise CommandError(f"{given or ['--tune-steps']} act only with calibration data; "
+                               "--nsamples 0 compresses data-free")
+    try:
+        config = PBS2P(n=n, m=m, **options)
+        cfs = None
+        if args.cfs:
+            cfs_options = {"n_low": args.n_low, "n_high": args.n_high, "normalize": args.cfs_normalize}
+            cfs = CFS(**{k: v for k, v in cfs_options.items() if v is not None})
+        elif args.cfs_normalize or args.n_low or args.n_high:
+            raise CommandError("--cfs-normalize, --n-low and --n-high need --cfs")
+        tuning = None
+        if args.tune_steps > 0:
+            tuning = ScaleTuning(steps=args.tune_steps, **({"lr": args.tune_lr} if args.tune_lr else {}))
+        elif args.tune_lr is not None:
+            raise CommandError("--tune-lr needs --tune-steps > 0")
+        if cfs is not None:
+            cfs.bounds(n, m)
+    except (TypeError, ValueError) as exc:
+        raise CommandError(f"invalid compression options: {exc}") from exc
+    return config, {"cfs": cfs, "true_sequential": args.true_sequential, "tuning": tuning}
+
+
+def _compress(model, tokenizer, args: argparse.Namespace, split, options) -> dict:
+    """Compress ``model`` in place with ``options`` (from :func:`_pbs2p_config`); describe what was done."""
+    import dataclasses
+
+    import torch
+
+    from pbs2p.quantize import conversion_report, quantize_
+    from pbs2p_lab.data.calibration import calibration_tokens, describe_calibration
+
+    config, calibrate_options = options
+    prefix, filter_fn = _decoder_linear_filter(model)
+    originals = {name: mod.weight.detach().clone() for name, mod in model.named_modules()
+                 if filter_fn(mod, name)}
+    calibration, output_errors = None, {}
+    start = time.perf_counter()
+    if args.nsamples > 0:
+        from pbs2p.pipeline import calibrate
+
+        tokens = calibration_tokens(tokenizer, args.nsamples, args.calib_seqlen, args.seed, split)
+        calibration = describe_calibration(args.nsamples, args.calib_seqlen, args.seed, split)
+        result = calibrate(model, tokens, config, progress=not args.no_progress, **calibrate_options)
+        for block in result.blocks:
+            for name, err in block.errors.items():
+                output_errors[f"{prefix}{block.index}.{name}"] = float(err)
+    else:
+        quantize_(model, config, filter_fn=filter_fn)
+    wall = time.perf_counter() - start
+    report = conversion_report(model, config, filter_fn)
+    if report.skipped:
+        print(f"pbs2p: warning: {len(report.skipped)} decoder linear(s) left uncompressed: "
+              f"{report.skipped[:5]}", file=sys.stderr)
+    per_layer = []
+    for name, weight in report.converted:
+        ref = originals[name]
+        err = torch.linalg.vector_norm(ref - weight.dequantize(ref.dtype)) / torch.linalg.vector_norm(ref)
+        layer = {"name": name, "n": weight.n, "m": weight.m, "weight_rel_error": float(err)}
+        if name in output_errors:
+            layer["output_rel_error"] = output_errors[name]
+        per_layer.append(layer)
+    if calibration and len(output_errors) != len(per_layer):
+        raise CommandError(f"calibrate reported errors for {len(output_errors)} linears, "
+                           f"but {len(per_layer)} were converted")
+    config_dict = {k: v for k, v in dataclasses.asdict(config).items() if k != "step"}
+    if calibration:
+        config_dict["calibrate"] = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+                                    for k, v in calibrate_options.items()}
+    calib = f"{args.nsamples}x{args.calib_seqlen} calib" if calibration else "data-free"
+    return {
+        "label": f"pbs2p {config.n}:{config.m} ({calib})",
+        "config": config_dict,
+        "nm": f"{config.n}:{config.m}",
+        "method": "pbs2p-" + ("oneshot" if config.spbo_steps == 0 else "spbo") + ("" if calibration else "-datafree"),
+        "bits_per_weight": report.bits_per_weight(),
+        # the paper's convention: 1 bit per kept weight, nothing else (exact under per-block N from CFS)
+        "bits_per_weight_kept": report.kept_fraction(),
+        "per_layer": per_layer,
+        "calibration": calibration,
+        "compressed_linears": len(report.converted),
+        "skipped_linears": [list(s) for s in report.skipped],
+        "wall_s": wall,
+    }
+
+
+def _model_record(name: str, model) -> dict:
+    from pbs2p_lab.assets import MODELS
+
+    spec = MODELS.get(name)
+    return {
+        "name": name,
+        "description": spec.description if spec else None,
+        "source": {"wheel": spec.wheel, "member": spec.member, "sha256": spec.sha256} if spec else name,
+        "architecture": type(model).__name__,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from pbs2p_lab.assets import load_model, save_compressed
+    from pbs2p_lab.data.split import load_split
+    from pbs2p_lab.eval.results import result_header
+
+    options = _pbs2p_config(args)  # refuse bad options before loading anything
+    model, tokenizer = load_model(args.model)
+    split = load_split()
+    info = _compress(model, tokenizer, args, split, options)
+    meta = {**result_header(), "model": _model_record(args.model, model), "split": split.describe(), **info}
+    save_compressed(model, tokenizer, args.out, meta)
+    print(f"compressed {info['compressed_linears']} linears ({info['nm']}, {info['method']}): "
+          f"{info['bits_per_weight']:.3f} bits/weight, {info['wall_s']:.0f} s -> {args.out}")
+    return 0
+
+
+def _measure_kwargs(args: argparse.Namespace) -> dict:
+    return {"seqlen": args.seqlen, "ppl_limit": args.ppl_limit, "tasks": args.tasks,
+            "task_limit": args.limit, "batch_size": args.batch_size, "progress": not args.no_progress}
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from pbs2p_lab.assets import load_model
+    from pbs2p_lab.data.split import load_split
+    from pbs2p_lab.eval.measure import measure_entry
+    from pbs2p_lab.eval.results import result_header, write_result
+    from pbs2p_lab.report import markdown_table
+
+    if args.no_ppl and not args.tasks:
+        print("pbs2p eval: nothing to do (--no-ppl and no --tasks)", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    model, tokenizer = load_model(args.model)
+    load_s = time.perf_counter() - start
+    split = load_split()
+    meta = _compressed_meta(args.model) or {}
+    kwargs = _measure_kwargs(args)
+    kwargs["measure_ppl"] = not args.no_ppl
+    known = {k: meta.get(k) for k in ("nm", "config", "bits_per_weight", "bits_per_weight_kept", "per_layer")}
+    entry = measure_entry(model, tokenizer, label=meta.get("label", "fp32"), method=meta.get("method", "fp"),
+                          split=split, wall_s={"load": load_s}, **known, **kwargs)
+    model_record = {**meta["model"], "compressed_folder": args.model} if meta else _model_record(args.model, model)
+    record = {**result_header(), "model": model_record, "split": split.describe(),
+              "calibration": meta.get("calibration") if meta else None, "entries": [entry]}
+    if args.out:
+        write_result(args.out, record)
+    print(markdown_table([{"model": model_record["name"], **entry}]))
+    return 0
+
+
+def _compressed_meta(model_arg: str) -> dict | None:
+    import json
+
+    path = Path(model_arg) / "pbs2p_compress.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pbs2p_lab.assets import load_model
+    from pbs2p_lab.data.split import load_split
+    from pbs2p_lab.eval.measure import measure_entry
+    from pbs2p_lab.eval.results import result_header, write_result
+    from pbs2p_lab.report import markdown_table
+
+    n, m = args.nm
+    out = args.out or Path("runs") / f"run_{Path(args.model).name}_{n}of{m}.json"
+    options = _pbs2p_config(args)  # refuse bad options before loading anything
+    start = time.perf_counter()
+    model, tokenizer = load_model(args.model)
+    load_s = time.perf_counter() - start
+    split = load_split()
+    kwargs = _measure_kwargs(args)
+    windows = args.ppl_limit or "all"
+    print(f"[1/3] FP perplexity on held-out text ({windows} windows of {args.seqlen})", file=sys.stderr)
+    fp = measure_entry(model, tokenizer, label="fp32", method="fp", split=split,
+                       wall_s={"load": load_s}, **kwargs)
+    print(f"[2/3] compressing the decoder linears with PBS2P {n}:{m}", file=sys.stderr)
+    info = _compress(model, tokenizer, args, split, options)
+    print("[3/3] compressed perplexity", file=sys.stderr)
+    compressed = measure_entry(
+        model, tokenizer, label=info["label"], method=info["method"], split=split, nm=info["nm"],
+        config=info["config"], bits_per_weight=info["bits_per_weight"],
+        bits_per_weight_kept=info["bits_per_weight_kept"], per_layer=info["per_layer"],
+        wall_s={"compress": info["wall_s"]}, **kwargs,
+    )
+    record = {**result_header(), "model": _model_record(args.model, model), "split": split.describe(),
+              "calibration": info["calibration"], "entries": [fp, compressed]}
+    write_result(out, record)
+    print(markdown_table([{"model": args.model, **entry} for entry in (fp, compressed)]))
+    print(f"\nresult: {out}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pbs2p_lab.report import write_report
+
+    readme = write_report(args.files, args.out)
+    print(readme.read_text())
+    print(f"written: {readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Tiny random models, synthetic layers and helpers shared by the tests (no downloads)."""
+
+from __future__ import annotations
+
+import torch
+
+NM_PATTERNS = [(2, 4), (4, 8), (5, 8), (6, 8)]
+
+
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A random 2-layer LLaMA whose every linear is eligible for 8-groups (hidden 64, FFN 128)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def mlp(seed: int = 0) -> torch.nn.Module:
+    """A random 4-layer MLP; the last linear (in 24) is not a multiple of 16."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(64, 128),
+        torch.nn.GELU(),
+        torch.nn.Linear(128, 96),
+        torch.nn.GELU(),
+        torch.nn.Linear(96, 24),
+        torch.nn.GELU(),
+        torch.nn.Linear(24, 10),
+    ).eval()
+
+
+def snapshot_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every tensor in the state dict (to check that a refusal changed nothing)."""
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def make_layer(seed: int, out: int = 32, cols: int = 64, dist: str = "gaussian", samples: int = 512,
+               massive: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(W, H_cal, H_eval)``: one synthetic layer with Hessians from two disjoint halves of its inputs."""
+    from pbs2p.algorithms import HessianAccumulator
+    from pbs2p_lab.synthetic import synthetic_layer
+
+    W, X = synthetic_layer(out, cols, samples=2 * samples, dist=dist, seed=seed, massive=massive)
+    hessians = []
+    for part in (X[0::2], X[1::2]):
+        acc = HessianAccumulator(cols)
+        acc.add(part)
+        hessians.append(acc.hessian())
+    return W, hessians[0], hessians[1]

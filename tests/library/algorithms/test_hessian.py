@@ -1,0 +1,56 @@
+"""Hessian damping, dead inputs, singular H, the Cholesky factor of H⁻¹."""
+
+from __future__ import annotations
+
+import torch
+
+from pbs2p.algorithms.hessian import HessianAccumulator, prepare_hessian, relative_output_error
+
+
+def hessian_from_inputs(X: torch.Tensor) -> torch.Tensor:
+    acc = HessianAccumulator(X.shape[-1])
+    acc.add(X)
+    return acc.hessian()
+
+
+def test_upper_cholesky_of_inverse():
+    X = torch.randn(200, 24, generator=torch.Generator().manual_seed(0))
+    prep = prepare_hessian(hessian_from_inputs(X), damp=0.01)
+    U = prep.U.double()
+    assert torch.equal(U, torch.triu(U))
+    torch.testing.assert_close(U.T @ U, torch.linalg.inv(prep.H), rtol=1e-4, atol=1e-6)
+
+
+def test_damping_amount():
+    H = torch.diag(torch.tensor([1.0, 3.0]))
+    prep = prepare_hessian(H, 0.5)
+    assert not prep.dead.any()
+    torch.testing.assert_close(torch.diagonal(prep.H), torch.tensor([2.0, 4.0], dtype=torch.float64))
+
+
+def test_dead_inputs_and_singular_hessian():
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(6, 16, generator=g)  # rank 6 < 16: singular
+    X[:, 3] = 0.0  # a dead input
+    X[:, 5] = X[:, 4]  # exactly collinear inputs
+    prep = prepare_hessian(hessian_from_inputs(X), damp=0.0)  # no damping requested: must still work
+    assert prep.dead.tolist() == [i == 3 for i in range(16)]
+    assert torch.isfinite(prep.U).all()
+
+
+def test_accumulator_matches_direct():
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(3, 7, 8, generator=g)
+    acc = HessianAccumulator(8)
+    acc.add(X[:2])
+    acc.add(X[2])
+    Xf = X.reshape(-1, 8).double()
+    torch.testing.assert_close(acc.hessian(), (2 * Xf.T @ Xf / Xf.shape[0]).float())
+
+
+def test_relative_output_error():
+    W, X = torch.randn(4, 8), torch.randn(64, 8)
+    H = hessian_from_inputs(X)
+    expect = torch.linalg.norm((0.5 * W) @ X.T) / torch.linalg.norm(W @ X.T)
+    assert abs(relative_output_error(W, 0.5 * W, H) - float(expect)) < 1e-5
+    assert relative_output_error(W, W) == 0.0
