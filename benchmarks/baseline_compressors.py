@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pbs2p.pipeline import Compressed
 from pbs2p_lab.baselines import BaselineResult
 
 # (W [out, in], H [in, in]) -> dense Ŵ and its honest bit count
@@ -55,16 +56,20 @@ class BitLedger:
         return self.paper_bits / max(self.weights, 1)
 
 
-def dense_compressor(method: WeightMethod, ledger: BitLedger) -> Callable[..., torch.Tensor]:
-    """Wrap ``method(W, H)`` as a :data:`~pbs2p.pipeline.sequential.LinearCompressor` returning dense ``Ŵ``."""
+def dense_compressor(method: WeightMethod, ledger: BitLedger, *, tunable: bool = True, block: int = 128
+                     ) -> Callable[..., torch.Tensor | Compressed]:
+    """Wrap ``method(W, H)`` as a :data:`~pbs2p.pipeline.sequential.LinearCompressor` returning dense ``Ŵ``;
+    ``tunable``: as a :class:`~pbs2p.pipeline.Compressed` whose kept weights scale tuning may move (a gain
+    and an offset per row and ``block`` columns, the baselines' scale block)."""
 
-    def compress(block: int, name: str, linear: torch.nn.Linear, hessian: torch.Tensor) -> torch.Tensor:
+    def compress(i: int, name: str, linear: torch.nn.Linear, hessian: torch.Tensor) -> torch.Tensor | Compressed:
         weight = linear.weight.detach()
         result = method(weight.float(), hessian)
         if not bool(torch.isfinite(result.W_hat).all()):
-            raise FloatingPointError(f"{result.name} produced non-finite weights in block {block} {name}")
-        ledger.add(f"{block}.{name}", result, weight.numel())
-        return result.W_hat.to(weight.dtype)
+            raise FloatingPointError(f"{result.name} produced non-finite weights in block {i} {name}")
+        ledger.add(f"{i}.{name}", result, weight.numel())
+        dense = result.W_hat.to(weight.dtype)
+        return Compressed(dense, result.W_hat.float(), dense != 0, block) if tunable else dense
 
     return compress
 

@@ -15,13 +15,17 @@ held-out text. Each method runs in a fresh subprocess (so its peak memory is its
 saved as soon as it is done: a rerun skips entries already computed unless ``--force``. Results go to
 ``benchmarks/results/quality/quality_<text>.{json,md,png}``.
 
-Method names: ``fp``; ``magnitude-N:M`` (data-free N:M by |w| + sign·α); ``billm``; ``stbllm-N:M``;
-``sparsegpt-N:M`` (fp16 kept weights); ``binarize-dense`` (PBS²P's binarizer, no pruning);
-``pbs2p-N:M`` (:func:`pbs2p.calibrate` with :class:`pbs2p.PBS2P` defaults) with optional ``+key=value``
-overrides: a :class:`~pbs2p.PBS2P` field (``extras`` as ``a/b`` or ``none``) or a calibrate option
-(``true_sequential``, ``cfs=false``, ``cfs_normalize``, ``n_low``, ``n_high``, ``tune_steps``, ``tune_lr``),
-e.g. ``pbs2p-4:8+spbo_steps=0+cfs=false``.
-Groups: ``main``, ``ablations`` and ``all``.
+Method names: ``fp``; ``pbs2p-N:M``: :func:`pbs2p.calibrate` with the library's defaults (every addition
+beyond the paper on); ``pbs2p-N:M+paper``: the paper's method alone (binarizer, SPBO, CFS, BiLLM's block
+compensation); baselines ``billm``, ``stbllm-N:M``, ``sparsegpt-N:M`` (fp16 kept weights),
+``magnitude-N:M`` (data-free) and ``binarize-dense``, run plain. Modifiers, in order: ``+paper``; additions
+``+act_order``, ``+refit``, ``+obs_weights`` (PBS²P only), ``+true_seq`` and ``+tune`` (also the
+baselines: true-sequential stages, and scale tuning as a gain and offset of each row's kept weights per
+scale block); overrides ``+key=value`` of a :class:`~pbs2p.PBS2P` field (``extras`` as ``a/b`` or
+``none``) or of calibrate (``cfs=false``, ``cfs_normalize``, ``n_low``, ``n_high``, ``tune_steps``,
+``tune_lr``). E.g. ``pbs2p-6:8+paper+refit``, ``stbllm-6:8+true_seq+tune``.
+Groups: ``main``, ``ablations`` and ``all``. ``--model`` takes any model ``pbs2p_lab.assets.load_model``
+opens (an alias, an HF folder, a ``.gguf`` file).
 """
 
 from __future__ import annotations
@@ -48,15 +52,14 @@ MODEL = "smollm2"
 SEQLEN = 2048
 VALIDATION_RESERVE = (128, 2048)  # validation windows avoid the segments of the largest calibration set
 
+ADDITIONS = ("act_order", "refit", "obs_weights", "true_seq", "tune")
 MAIN = [
-    "fp", "magnitude-4:8", "billm", "stbllm-6:8", "stbllm-5:8", "stbllm-4:8", "stbllm-2:4", "sparsegpt-4:8",
-    "binarize-dense", "pbs2p-6:8", "pbs2p-5:8", "pbs2p-4:8", "pbs2p-2:4",
+    "fp", "pbs2p-6:8", "pbs2p-6:8+paper", "billm", "billm+true_seq+tune",
+    "stbllm-6:8", "stbllm-6:8+true_seq+tune", "pbs2p-5:8", "pbs2p-5:8+paper", "stbllm-5:8",
+    "stbllm-5:8+true_seq+tune", "pbs2p-4:8", "pbs2p-4:8+paper", "stbllm-4:8", "stbllm-4:8+true_seq+tune",
+    "pbs2p-2:4", "pbs2p-2:4+paper", "magnitude-4:8", "sparsegpt-4:8",
 ]
-ABLATIONS = [
-    "pbs2p-6:8+method=oneshot", "pbs2p-4:8+method=oneshot",
-    "pbs2p-6:8+cfs=false", "pbs2p-4:8+cfs=false",
-    "pbs2p-4:8+spbo_steps=1", "pbs2p-4:8+spbo_steps=2",
-]
+ABLATIONS = [f"pbs2p-6:8+paper+{a}" for a in ADDITIONS] + ["pbs2p-6:8+spbo_steps=0", "pbs2p-6:8+spbo_steps=1"]
 GROUPS = {"main": MAIN, "ablations": ABLATIONS, "all": MAIN + ABLATIONS}
 ZEROSHOT_DEFAULT = ["fp", "pbs2p-6:8", "pbs2p-4:8"]
 
@@ -90,20 +93,19 @@ def validation_windows(n_tokens: int, limit: int, seed: int) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------ methods
-def parse_method(name: str) -> tuple[str, tuple[int, int] | None, dict[str, object]]:
-    """``"pbs2p-4:8+cfs=false"`` -> ``("pbs2p", (4, 8), {"cfs": False})``."""
-    head, *extras = name.split("+")
+def parse_method(name: str) -> tuple[str, tuple[int, int] | None, list[str], dict[str, object]]:
+    """``"pbs2p-4:8+paper+refit+cfs=false"`` -> ``("pbs2p", (4, 8), ["paper", "refit"], {"cfs": False})``."""
+    head, *mods = name.split("+")
     base, _, nm = head.partition("-")
-    if nm and ":" in nm:
-        n, m = (int(x) for x in nm.split(":"))
-        pattern: tuple[int, int] | None = (n, m)
-    else:
-        base, pattern = head, None
-    options: dict[str, object] = {}
-    for extra in extras:
-        key, _, value = extra.partition("=")
-        options[key] = _value(value)
-    return base, pattern, options
+    pattern = tuple(int(x) for x in nm.split(":")) if ":" in nm else None
+    if pattern is None:
+        base = head
+    flags = [mod for mod in mods if "=" not in mod]
+    options = {key: _value(value) for key, _, value in (mod.partition("=") for mod in mods if "=" in mod)}
+    unknown = [f for f in flags if f not in ("paper", *ADDITIONS)]
+    if unknown:
+        raise ValueError(f"unknown modifiers {unknown} in {name!r}; known: paper, {', '.join(ADDITIONS)}")
+    return base, pattern, flags, options
 
 
 def _value(text: str) -> object:
@@ -124,18 +126,19 @@ def compress_model(name: str, model: torch.nn.Module, calib: torch.Tensor, args:
     """Compress ``model`` in place with method ``name``; return bits, records and per-layer errors."""
     from baseline_compressors import BitLedger, data_free, dense_compressor
 
+    from pbs2p import ScaleTuning
     from pbs2p.pipeline.families import decoder_blocks
     from pbs2p.pipeline.sequential import SequentialRunner
     from pbs2p_lab.baselines import binarize_dense, magnitude_nm_sign, sparsegpt_nm
     from pbs2p_lab.billm import billm, stbllm
 
-    base, nm, options = parse_method(name)
+    base, nm, flags, options = parse_method(name)
     if base == "fp":
         return {"bits_per_weight": 32.0, "paper_bits": 32.0, "calibrated": False}
     if base == "pbs2p":
-        return compress_pbs2p(model, calib, nm, options, args)
-    # the baselines get the same sequential harness as PBS²P's defaults (overridable per method name)
-    harness = {"true_sequential": options.pop("true_sequential", True)}
+        return compress_pbs2p(model, calib, nm, flags, options, args)
+    if set(flags) - {"true_seq", "tune"}:
+        raise ValueError(f"{name}: baselines take the additions true_seq and tune only")
     ledger = BitLedger()
     if base == "magnitude":
         n, m = nm
@@ -150,22 +153,27 @@ def compress_model(name: str, model: torch.nn.Module, calib: torch.Tensor, args:
     }
     if base not in methods:
         raise ValueError(f"unknown method {name!r}")
+    if base == "sparsegpt" and "tune" in flags:
+        raise ValueError("sparsegpt keeps full-precision weights: there are no binarization scales to tune")
     runner = SequentialRunner(model, calib, args.batch_size)
     targets = [{n_: mod for n_, mod in block.named_modules() if isinstance(mod, torch.nn.Linear)}
                for block in runner.blocks]
-    records = runner.compress(targets, dense_compressor(methods[base], ledger), progress=args.progress,
-                              desc=name, true_sequential=harness["true_sequential"])
+    tuning = ScaleTuning() if "tune" in flags else None
+    records = runner.compress(targets, dense_compressor(methods[base], ledger, tunable=base != "sparsegpt"),
+                              progress=args.progress, desc=name, true_sequential="true_seq" in flags, tuning=tuning)
     return {"bits_per_weight": ledger.bits_per_weight(), "paper_bits": ledger.paper_bits_per_weight(),
-            "calibrated": True, "layers": ledger.per_layer, "errors": _errors(records), "harness": harness}
+            "calibrated": True, "layers": ledger.per_layer, "errors": _errors(records),
+            "harness": {"true_sequential": "true_seq" in flags, "tuning": tuning is not None},
+            "block_tune": [r.tune for r in records]}
 
 
-def compress_pbs2p(model: torch.nn.Module, calib: torch.Tensor, nm: tuple[int, int], options: dict,
-                   args: argparse.Namespace) -> dict:
+def compress_pbs2p(model: torch.nn.Module, calib: torch.Tensor, nm: tuple[int, int], flags: list[str],
+                   options: dict, args: argparse.Namespace) -> dict:
     """PBS²P through the library's own :func:`pbs2p.calibrate` (CFS, packed weights)."""
     from pbs2p import calibrate
 
     n, m = nm
-    config, options = pbs2p_options(n, m, options, args.cfs_samples)
+    config, options = pbs2p_options(n, m, flags, options, args.cfs_samples)
     result = calibrate(model, calib, config, batch_size=args.batch_size, progress=args.progress, **options)
     report = result.report
     return {
@@ -178,22 +186,30 @@ def compress_pbs2p(model: torch.nn.Module, calib: torch.Tensor, nm: tuple[int, i
     }
 
 
-def pbs2p_options(n: int, m: int, options: dict, cfs_samples: int):
-    """Split ``+key=value`` overrides into a :class:`pbs2p.PBS2P` and the keyword options of ``calibrate``."""
+def pbs2p_options(n: int, m: int, flags: list[str], options: dict, cfs_samples: int):
+    """A :class:`pbs2p.PBS2P` and the keyword options of ``calibrate`` for a method name's modifiers."""
     from pbs2p import CFS, PBS2P, ScaleTuning
+    from pbs2p.algorithms import EXTRAS
 
+    paper = "paper" in flags
+    extras = [e for e in EXTRAS if not paper or e in flags]
+    fields = {"extras": extras} if paper else {}
+    if paper:
+        fields["compensation"] = "block-diag"
     options = dict(options)
     if isinstance(options.get("extras"), str):
         options["extras"] = [] if options["extras"] == "none" else options["extras"].split("/")
-    fields = {k: options.pop(k) for k in ("scale_block", "spbo_steps", "refine_rounds", "compensation", "extras")
-              if k in options}
+    fields |= {k: options.pop(k) for k in ("scale_block", "spbo_steps", "refine_rounds", "compensation", "extras")
+               if k in options}
     cfs = {k: options.pop(f"cfs_{k}" if k == "normalize" else k) for k in ("n_low", "n_high", "normalize")
            if (f"cfs_{k}" if k == "normalize" else k) in options}
     tune = {k: options.pop(f"tune_{k}") for k in ("steps", "lr") if f"tune_{k}" in options}
+    tuned = (not paper or "tune" in flags) and tune.get("steps", 3) > 0
+    use_cfs = options.pop("cfs", True)
     calibrate_options = {
-        "cfs": CFS(samples=cfs_samples, **cfs) if options.pop("cfs", True) else None,
-        "tuning": ScaleTuning(**tune) if tune.get("steps", 3) > 0 else None,
-        "true_sequential": options.pop("true_sequential", True),
+        "cfs": (CFS(samples=cfs_samples, **cfs) if m >= 8 or cfs else "auto") if use_cfs else None,
+        "tuning": ScaleTuning(**tune) if tuned else None,
+        "true_sequential": options.pop("true_sequential", not paper or "true_seq" in flags),
     }
     if options:
         raise ValueError(f"unknown options {sorted(options)}")
@@ -227,7 +243,7 @@ def worker(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model, tokenizer = load_model(MODEL)
+    model, tokenizer = load_model(args.model)
     model.eval()
     split = load_split()
     cal_ids = tokenize_text(tokenizer, split.calibration_text)
@@ -293,6 +309,7 @@ def run_worker(method: str, args: argparse.Namespace, do_ppl: bool, do_zeroshot:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "entry.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--worker-out", str(out),
+               "--model", args.model,
                "--text", args.text, "--limit", str(args.limit), "--nsamples", str(args.nsamples),
                "--calib-seqlen", str(args.calib_seqlen), "--seed", str(args.seed), "--threads", str(args.threads),
                "--batch-size", str(args.batch_size), "--cfs-samples", str(args.cfs_samples),
@@ -317,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     methods = expand(args.methods)
     zeroshot = expand(args.zeroshot_methods) if args.zeroshot else []
-    path = RESULTS / f"quality_{args.text}.json"
+    out = args.out or (RESULTS if args.model == MODEL else Path("runs/quality") / Path(args.model).stem)
+    path = out / f"quality_{args.text}.json"
     record = load_results(path)
     for method in dict.fromkeys(methods + zeroshot):
         key = entry_key(method, args)
@@ -356,7 +374,7 @@ def context(args: argparse.Namespace) -> dict:
     from pbs2p_lab.eval.results import package_versions
 
     return {
-        "model": MODEL, "seqlen": SEQLEN, "text": args.text,
+        "model": args.model, "seqlen": SEQLEN, "text": args.text,
         "text_rule": "held-out articles of pbs2p_lab.data.split" if args.text == "heldout" else
         f"aligned windows of the calibration stream untouched by the first {VALIDATION_RESERVE[0]} "
         f"segments of {VALIDATION_RESERVE[1]} tokens (seed {args.seed})",
@@ -366,6 +384,9 @@ def context(args: argparse.Namespace) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=MODEL, help="model alias, HF folder or .gguf file (default smollm2)")
+    p.add_argument("--out", type=Path, default=None, help=f"result folder (default {RESULTS} for smollm2, "
+                                                          "runs/quality/<model> otherwise)")
     p.add_argument("--methods", default="main", help="comma-separated method names or groups (main, ablations, all)")
     p.add_argument("--text", choices=("heldout", "validation"), default="heldout")
     p.add_argument("--limit", type=int, default=40, help="perplexity windows of 2048 tokens")

@@ -56,29 +56,54 @@ def table(record: dict) -> str:
             cells = " | ".join(f"{accs[t]:.3f}" if t in accs else "—" for t in tasks)
             lines.append(f"| {m} | {cells} | {mean:.3f} |")
         out += "\n" + "\n".join(lines)
-    claims = claims_table(record)
-    return out + ("\n\n" + claims if claims else "")
+    for extra in (claims_table(record), cfs_table(record)):
+        out += "\n\n" + extra if extra else ""
+    return out
 
 
 def claims_table(record: dict) -> str:
-    """The paper's two claims, checked on the entries present: PBS²P 6:8 below the BiLLM-style baseline,
-    and PBS²P at each N:M at most half the perplexity of the STBLLM-style baseline at the same N:M."""
+    """The paper's claims, like with like: PBS²P 6:8 below the BiLLM-style baseline, and PBS²P at each N:M at
+    most half the perplexity of the STBLLM-style baseline at the same N:M — the paper's method alone against
+    the plain baselines, and the library default against the baselines with the same harness additions."""
     ppl = {e["method"]: e["ppl"] for e in record["entries"].values() if e.get("ppl") is not None}
+    pairs = []
+    for suffix, base_suffix in (("+paper", ""), ("", "+true_seq+tune")):
+        pairs.append((f"pbs2p-6:8{suffix}", f"billm{base_suffix}", 1.0))
+        pairs += [(f"pbs2p-{nm}{suffix}", f"stbllm-{nm}{base_suffix}", 0.5) for nm in ("6:8", "5:8", "4:8", "2:4")]
     rows = []
-    if "pbs2p-6:8" in ppl and "billm" in ppl:
-        a, b = ppl["pbs2p-6:8"], ppl["billm"]
-        holds = "yes" if a < b else "no"
-        rows.append(f"| pbs2p-6:8 < billm | {_fmt_ppl(a)} vs {_fmt_ppl(b)} | {a / b:.3f} | {holds} |")
-    for nm in ("6:8", "5:8", "4:8", "2:4"):
-        ours, theirs = f"pbs2p-{nm}", f"stbllm-{nm}"
+    for ours, theirs, factor in pairs:
         if ours in ppl and theirs in ppl:
             a, b = ppl[ours], ppl[theirs]
-            rows.append(f"| {ours} ≤ ½ {theirs} | {_fmt_ppl(a)} vs {_fmt_ppl(b)} | {a / b:.3f} | "
-                        f"{'yes' if a <= 0.5 * b else 'no'} |")
+            claim = f"{ours} < {theirs}" if factor == 1.0 else f"{ours} ≤ ½ {theirs}"
+            holds = a < b if factor == 1.0 else a <= factor * b
+            rows.append(f"| {claim} | {_fmt_ppl(a)} vs {_fmt_ppl(b)} | {a / b:.3f} | {'yes' if holds else 'no'} |")
     if not rows:
         return ""
-    return "\n".join(["The paper's claims on these entries:", "",
+    return "\n".join(["The paper's claims on these entries (like with like):", "",
                       "| claim | ppl (ours vs baseline) | ratio | holds |", "|---|---|---:|---|", *rows])
+
+
+def cfs_table(record: dict) -> str:
+    """The per-block N that CFS chose, for every PBS²P entry (run-length encoded: ``N×count``)."""
+    rows = []
+    for e in record["entries"].values():
+        ns = e.get("block_n")
+        if not ns or not e["method"].startswith("pbs2p"):
+            continue
+        runs, prev, count = [], ns[0], 0
+        for n in ns + [None]:
+            if n == prev:
+                count += 1
+            else:
+                runs.append(f"{prev}×{count}")
+                prev, count = n, 1
+        cfs = (e.get("calibrate") or {}).get("cfs")
+        how = f"CFS ({cfs['normalize']})" if isinstance(cfs, dict) else "no CFS"
+        rows.append(f"| {e['method']} | {how} | {', '.join(runs)} |")
+    if not rows:
+        return ""
+    return "\n".join(["Per-block N (blocks in order, `N×count`):", "", "| method | allocation | N per block |",
+                      "|---|---|---|", *rows])
 
 
 def plot(record: dict, path: Path) -> None:
@@ -104,7 +129,8 @@ def plot(record: dict, path: Path) -> None:
     ax.set_xlabel("honest bits per weight (every stored bit; FP32 drawn at 12)")
     ax.set_ylabel("perplexity (log scale)")
     ctx = record.get("context", {})
-    ax.set_title(f"SmolLM2-135M, {ctx.get('text', '')} text, seqlen {ctx.get('seqlen', 2048)}", fontsize=9)
+    ax.set_title(f"{ctx.get('model', 'smollm2')}, {ctx.get('text', '')} text, seqlen {ctx.get('seqlen', 2048)}",
+                 fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
@@ -115,7 +141,7 @@ def write_report(path: Path) -> str:
     """Write ``<stem>.md`` and ``<stem>.png`` next to the JSON ``path``; return the markdown."""
     record = json.loads(Path(path).read_text())
     ctx = record.get("context", {})
-    head = (f"# Quality on SmolLM2-135M ({ctx.get('text', '?')} text)\n\n"
+    head = (f"# Quality on {ctx.get('model', 'smollm2')} ({ctx.get('text', '?')} text)\n\n"
             f"Text: {ctx.get('text_rule', '?')}; windows of {ctx.get('seqlen', 2048)} tokens. "
             f"Produced by `benchmarks/quality.py` (each entry's command is in the JSON). Timings are wall "
             f"seconds on a shared {ctx.get('cpu_count', '?')}-core machine with the 1-minute load average "
@@ -127,14 +153,19 @@ def write_report(path: Path) -> str:
     zs = {e["zeroshot"].get("limit") for e in record["entries"].values() if e.get("zeroshot")}
     if zs:
         head += f" Zero-shot: {', '.join(map(str, sorted(zs)))} examples per task (`--zeroshot-limit`)."
-    head += ("\n\n`pbs2p-N:M` is `pbs2p.calibrate` with the `PBS2P` defaults of the run (recorded per entry in the "
-             "JSON: SPBO, CFS, column compensation, true-sequential stages, 3 passes of scale tuning on each "
-             "block's output); `+field=value` overrides one, and `+true_sequential=false+tune_steps=0` is the "
-             "paper's method alone. `billm`, `stbllm-N:M`: BiLLM / STBLLM-style (salient columns + residual "
-             "binarization, block-only compensation); `sparsegpt-N:M`: SparseGPT with fp16 kept weights; "
-             "`magnitude-N:M`: |w| selection + sign·α, no data. Honest bits count every stored bit "
-             "(for the baselines: signs, masks, salient-column bitmaps, group bitmaps and fp16 scales); paper "
-             "bits count one bit per kept weight (the peers' convention).")
+    head += ("\n\n`pbs2p-N:M+paper` is the paper's method alone: the binarizer, SPBO (progressive pruning with "
+             "refits between steps), CFS (per-block N; its importance normalisation is in the CFS table) and "
+             "BiLLM's block-only error compensation. `pbs2p-N:M` is the library default, which adds, per weight, "
+             "`act_order` (act-order over M-groups), `refit` (least-squares α, μ under H, then one more sweep "
+             "that re-chooses each group's kept set), `obs_weights` (OBS-weighted α/μ fits) and column-by-column "
+             "compensation, and in the pipeline `true_seq` (true-sequential stages) and `tune` (a gain and an "
+             "offset of each row's kept weights per scale block, tuned on the block's output); `+name` adds one "
+             "of them to `+paper`. `billm`, `stbllm-N:M`: BiLLM / STBLLM-style (salient columns + residual "
+             "binarization, block-only compensation), plain or with the same `+true_seq+tune`; "
+             "`sparsegpt-N:M`: SparseGPT with fp16 kept weights; `magnitude-N:M`: |w| selection + sign·α, no "
+             "data. Honest bits count every stored bit with the scales in the dtype they are stored in (fp32 "
+             "here, for every method: signs, kept-set indices or masks, salient-column bitmaps, group bitmaps, "
+             "scales); paper bits count one bit per kept weight (the peers' convention).")
     md = head + "\n\n" + table(record) + "\n"
     Path(path).with_suffix(".md").write_text(md)
     plot(record, Path(path).with_suffix(".png"))

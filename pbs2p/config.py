@@ -28,8 +28,10 @@ class PBS2P(AOBaseConfig):
         n: weights kept per group (``1 <= n < m``).
         m: group size (4, 8 or 16).
         scale_block: columns sharing one ``(alpha, mu)`` pair (a multiple of ``m``); ``None``: one pair per row.
-        spbo_steps: SPBO's progressive prune-and-refit steps tau; ``None`` means ``m - n`` (one weight per
-            group per step); ``0`` turns SPBO off (one-shot: prune by OBS saliency, then binarize).
+        spbo_steps: SPBO's progressive prune-and-refit steps tau (at most ``m - n``); ``None`` means ``m - n``
+            (one weight per group per step); ``0`` turns SPBO off (one-shot: prune by OBS saliency, then
+            binarize). A block that CFS gives a larger N, and so fewer weights to prune, takes at most that
+            many steps.
         refine_rounds: alternating refinement rounds of the binarizer (alpha, mu, signs).
         compensation: with calibration data only: ``"column"`` (column by column inside blocks of 128,
             GPTQ/SparseGPT-style), ``"block"`` (exact update onto later blocks), ``"block-diag"``
@@ -72,6 +74,9 @@ class PBS2P(AOBaseConfig):
                 raise TypeError(f"PBS2P.{name} must be an int, got {value!r}")
             if value < low:
                 raise ValueError(f"PBS2P.{name} must be >= {low}, got {value}")
+        if self.spbo_steps is not None and self.spbo_steps > self.m - self.n:
+            raise ValueError(f"PBS2P.spbo_steps must be <= m - n = {self.m - self.n} (one weight per group per step "
+                             f"at most), got {self.spbo_steps}")
         if self.scale_block is not None and self.scale_block % self.m:
             raise ValueError(f"PBS2P.scale_block must be a multiple of m = {self.m}, got {self.scale_block}")
         if self.compensation not in COMPENSATIONS:

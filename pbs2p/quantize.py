@@ -44,7 +44,7 @@ def compress_parts(weight: torch.Tensor, config: PBS2P, hessian: torch.Tensor | 
                    ) -> BinarizedWeight:
     """The method's result for one weight (``n`` overrides ``config.n``: CFS's per-block N)."""
     return compress(weight.detach(), hessian, config.n if n is None else n, config.m, scale_block=config.scale_block,
-                    spbo_steps=config.spbo_steps if n in (None, config.n) else None,
+                    spbo_steps=config.spbo_steps,
                     refine_rounds=config.refine_rounds, compensation=config.compensation, extras=config.extras)
 
 

@@ -11,6 +11,10 @@ cheapest (in ``Σ_l |N_target·I_l − N_l|``) set of ±1 steps that hits the ta
 dynamic program over the distinct layer sizes; ``ValueError`` if no integer solution within the bounds
 exists (e.g. the target is outside ``[N_low, N_high]`` or the sizes' gcd does not divide the deficit).
 
+Ties (steps of equal cost, compared to 9 decimals so that float noise never decides) go to importance:
+a more important layer gets a +1 step first and a −1 step last; only layers of exactly equal importance
+and size are ordered by position. The allocation therefore follows any permutation of the layers.
+
 Example:
     >>> allocate_n([0.5, 0.9, 0.95, 0.3], n_target=4, m=8, n_low=2, n_high=6)  # low cosine = important
     [5, 3, 2, 6]
@@ -130,10 +134,10 @@ def allocate_n(
             steps = []
             for i in layers:
                 for s, c in enumerate(_step_costs(ideal[i], N[i], n_low, n_high, direction)):
-                    steps.append((c, i, s))
+                    steps.append((round(c, 9), -direction * imp[i], i, s))
             steps.sort()
             acc, chosen = 0.0, []
-            for k, (c, i, _) in enumerate(steps, start=1):
+            for k, (c, _, i, _) in enumerate(steps, start=1):
                 acc += c
                 chosen.append(i)
                 options[direction * k] = (acc, list(chosen))

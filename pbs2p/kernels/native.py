@@ -14,9 +14,11 @@ then use the torch path.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import platform
+import sys
 import threading
 import time
 import warnings
@@ -40,10 +42,7 @@ HEADERS = ("kernels.h", "work_pool.h")
 CFLAGS = ("-O3", "-fno-math-errno")
 LDFLAGS: tuple[str, ...] = ()
 
-_lock = threading.Lock()
-_loaded: bool | None = None
-_build_seconds: float | None = None
-_isa: str | None = None
+_LOCK = threading.Lock()  # one build at a time within the process
 
 
 def cache_dir() -> Path:
@@ -59,11 +58,12 @@ def _build_key() -> str:
         digest.update((CSRC / name).read_bytes())
     digest.update(" ".join(CFLAGS + LDFLAGS).encode())
     digest.update(torch.__version__.encode())
+    digest.update(sys.prefix.encode())  # each environment its own build: ninja rebuilds when the paths change
     return digest.hexdigest()[:16]
 
 
-def _build() -> None:
-    global _build_seconds
+def _build() -> float:
+    """Compile (or find in the cache) and load the operator's library; the seconds it took."""
     from torch.utils.cpp_extension import load as cpp_load
 
     if platform.machine().lower() not in ("x86_64", "amd64"):
@@ -81,37 +81,38 @@ def _build() -> None:
         is_python_module=False,
         verbose=False,
     )
-    _build_seconds = time.perf_counter() - start
+    return time.perf_counter() - start
+
+
+@functools.cache
+def _register() -> None:
+    """The operator's fake (shape) and autograd formulas, registered once per process."""
+    torch.library.register_fake("pbs2p::bsp_linear")(_fake_bsp_linear)
+    torch.library.register_autograd("pbs2p::bsp_linear", _backward_bsp_linear, setup_context=_setup_bsp_linear)
+
+
+@functools.cache
+def _load() -> float | None:
+    """Seconds the build took, or ``None`` (after one warning) where it failed; computed once per process."""
+    try:
+        seconds = _build()
+        _register()
+        return seconds
+    except Exception as err:  # no compiler, no ninja, failed build: the torch path runs
+        warnings.warn(f"pbs2p: the native CPU kernels are unavailable ({type(err).__name__}: {err}); "
+                      "bsp_linear uses the torch path", RuntimeWarning, stacklevel=3)
+        return None
 
 
 def load() -> bool:
     """Build (first use only) and load the operator; ``False``, after one warning, where that fails."""
-    global _loaded
-    if _loaded is not None:
-        return _loaded
-    with _lock:
-        if _loaded is None:
-            try:
-                _build()
-                torch.library.register_fake("pbs2p::bsp_linear")(_fake_bsp_linear)
-                torch.library.register_autograd(
-                    "pbs2p::bsp_linear", _backward_bsp_linear, setup_context=_setup_bsp_linear
-                )
-                _loaded = True
-            except Exception as err:  # no compiler, no ninja, failed build: the torch path runs
-                warnings.warn(
-                    f"pbs2p: the native CPU kernels are unavailable ({type(err).__name__}: {err}); "
-                    "bsp_linear uses the torch path",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                _loaded = False
-    return _loaded
+    with _LOCK:
+        return _load() is not None
 
 
 def build_seconds() -> float | None:
-    """Seconds the last :func:`load` spent building or loading from the cache (``None`` before)."""
-    return _build_seconds
+    """Seconds :func:`load` spent building or loading from the cache (``None`` before, or if it failed)."""
+    return _load() if _load.cache_info().currsize else None
 
 
 def _fake_bsp_linear(x, codes, alpha, mu, bias, n, m, scale_block):  # noqa: ANN001, ANN202
@@ -156,10 +157,7 @@ def _backward_bsp_linear(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN202
 
 def isa() -> str:
     """ISA of the kernels the operator runs: ``"avx512"``, ``"avx2"`` or ``"scalar"`` (needs :func:`load`)."""
-    global _isa
-    if _isa is None:
-        _isa = torch.ops.pbs2p._kernel_isa()
-    return _isa
+    return torch.ops.pbs2p._kernel_isa()
 
 
 def supported_isas() -> list[str]:
@@ -169,9 +167,7 @@ def supported_isas() -> list[str]:
 
 def set_isa(name: str) -> str:
     """Run the ``name`` kernels: ``avx512``, ``avx2``, ``scalar`` or ``best``; raises if the CPU lacks it."""
-    global _isa
-    _isa = torch.ops.pbs2p._set_kernel_isa(name)
-    return _isa
+    return torch.ops.pbs2p._set_kernel_isa(name)
 
 
 @contextlib.contextmanager

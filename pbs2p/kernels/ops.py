@@ -45,8 +45,6 @@ ENV_VAR = "PBS2P_KERNEL"
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 1e-2}
 CHOICES = ("auto", "native", "torch", "avx512", "avx2", "scalar")
 
-_warned: set[str] = set()
-
 
 def _requested() -> str:
     mode = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
@@ -96,20 +94,14 @@ def native_unsupported(
 
 
 def _warn_once(reason: str) -> None:
-    if reason not in _warned and not torch.compiler.is_compiling():
-        _warned.add(reason)
+    """Warn that the torch path runs (Python's default warning filter shows each reason once)."""
+    if not torch.compiler.is_compiling():
         warnings.warn(f"pbs2p: bsp_linear runs the torch path for {reason}", RuntimeWarning, stacklevel=3)
 
 
 def bsp_linear(
-    x: torch.Tensor,
-    codes: torch.Tensor,
-    alpha: torch.Tensor,
-    mu: torch.Tensor,
-    bias: torch.Tensor | None,
-    n: int,
-    m: int,
-    scale_block: int,
+    x: torch.Tensor, codes: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor, bias: torch.Tensor | None,
+    n: int, m: int, scale_block: int,
 ) -> torch.Tensor:
     """``y = x @ W_hat.T + bias`` for a packed 1-bit N:M weight (see :mod:`pbs2p.kernels.packing`)."""
     if kernel_backend() != "torch":

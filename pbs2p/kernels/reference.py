@@ -8,14 +8,8 @@ from .packing import dequantize
 
 
 def reference_linear(
-    x: torch.Tensor,
-    codes: torch.Tensor,
-    alpha: torch.Tensor,
-    mu: torch.Tensor,
-    bias: torch.Tensor | None,
-    n: int,
-    m: int,
-    scale_block: int,
+    x: torch.Tensor, codes: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor, bias: torch.Tensor | None,
+    n: int, m: int, scale_block: int,
 ) -> torch.Tensor:
     """``x @ W_hat.T + bias`` with ``W_hat`` unpacked in ``x.dtype``; compiles with ``fullgraph=True``."""
     weight = dequantize(codes, alpha, mu, n, m, scale_block, dtype=x.dtype)

@@ -3,12 +3,13 @@
 from .calibrate import CFS, CalibrationResult, calibrate, eligible_linears
 from .families import decoder_blocks
 from .scale_tuning import ScaleTuning
-from .sequential import BlockRecord, LinearCompressor, SequentialRunner
+from .sequential import BlockRecord, Compressed, LinearCompressor, SequentialRunner
 
 __all__ = [
     "CFS",
     "BlockRecord",
     "CalibrationResult",
+    "Compressed",
     "LinearCompressor",
     "ScaleTuning",
     "SequentialRunner",

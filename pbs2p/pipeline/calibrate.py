@@ -13,7 +13,7 @@ from ..config import PBS2P
 from ..interop import mark_hf_quantized
 from ..quantize import ConversionReport, compress_parts, conversion_report, skip_reason, to_tensor
 from .scale_tuning import ScaleTuning
-from .sequential import BlockRecord, SequentialRunner
+from .sequential import BlockRecord, Compressed, SequentialRunner
 
 log = logging.getLogger("pbs2p")
 
@@ -96,7 +96,7 @@ def calibrate(
     calibration: torch.Tensor,
     config: PBS2P | None = None,
     *,
-    cfs: CFS | None = CFS(),
+    cfs: CFS | None | str = "auto",
     true_sequential: bool = True,
     tuning: ScaleTuning | None = ScaleTuning(),
     batch_size: int = 4,
@@ -109,7 +109,9 @@ def calibrate(
         calibration: ``LongTensor [nsamples, seqlen]`` of token ids.
         config: the weight format and per-weight method (default ``PBS2P()``); ``config.n`` is the
             target N (per block with ``cfs``).
-        cfs: CFS's per-block N (:class:`CFS`), or ``None`` for ``config.n`` in every block.
+        cfs: CFS's per-block N (:class:`CFS`), or ``None`` for ``config.n`` in every block. ``"auto"``
+            (default): ``CFS()`` for ``m >= 8``, ``None`` for ``m = 4``, whose 2:4 is a hardware pattern that a
+            block of 1:4 or 3:4 would not match (pass a ``CFS`` to vary N there too).
         true_sequential: compress a block's linears in stages (q/k/v, o, gate/up, down), each on inputs
             that pass through the already-compressed stages (beyond the paper); ``False``: every linear's
             inputs from the block before any of its linears is compressed.
@@ -118,7 +120,8 @@ def calibrate(
         progress: show a progress bar.
 
     Embeddings, the final norm and the LM head stay in full precision. The model is changed in
-    place; refusals (empty calibration, NaN/Inf weights) happen before anything is changed.
+    place, and only if the whole run succeeds: refusals (empty calibration, NaN/Inf weights) happen
+    before anything is changed, and any failure (or interruption) puts every original weight back.
 
     Example:
         >>> import torch
@@ -134,24 +137,30 @@ def calibrate(
     config = PBS2P() if config is None else config
     if not isinstance(config, PBS2P) or config.step is not None:
         raise ValueError(f"calibrate takes a PBS2P with step=None, got {config!r}")
+    if cfs == "auto":
+        cfs = CFS() if config.m >= 8 else None
     for name, value, kind in (("cfs", cfs, CFS), ("tuning", tuning, ScaleTuning)):
         if value is not None and not isinstance(value, kind):
             raise TypeError(f"calibrate's {name} must be a {kind.__name__} or None, got {value!r}")
     bounds = cfs.bounds(config.n, config.m) if cfs is not None else None
     start = time.perf_counter()
     runner = SequentialRunner(model, calibration, batch_size)
-    targets = [eligible_linears(block, config) for block in runner.blocks]
-    if not any(targets):
-        raise ValueError(f"no linear in the decoder blocks can be converted with {config.n}:{config.m}")
-    cosines = runner.block_cosines(cfs.samples) if cfs is not None else None
-    ns = _allocate(config, cfs, bounds, targets, cosines)
+    try:
+        targets = [eligible_linears(block, config) for block in runner.blocks]
+        if not any(targets):
+            raise ValueError(f"no linear in the decoder blocks can be converted with {config.n}:{config.m}")
+        cosines = runner.block_cosines(cfs.samples) if cfs is not None else None
+        ns = _allocate(config, cfs, bounds, targets, cosines)
 
-    def compress(i: int, name: str, linear: torch.nn.Linear, hessian: torch.Tensor):
-        parts = compress_parts(linear.weight, config, hessian, n=ns[i])
-        return to_tensor(parts, ns[i], config.m, linear.weight.dtype), parts
+        def compress(i: int, name: str, linear: torch.nn.Linear, hessian: torch.Tensor):
+            parts = compress_parts(linear.weight, config, hessian, n=ns[i])
+            return Compressed.from_parts(to_tensor(parts, ns[i], config.m, linear.weight.dtype), parts)
 
-    records = runner.compress(targets, compress, ns=ns, cosines=cosines, progress=progress, desc="PBS²P blocks",
-                              true_sequential=true_sequential, tuning=tuning)
+        records = runner.compress(targets, compress, ns=ns, cosines=cosines, progress=progress,
+                                  desc="PBS²P blocks", true_sequential=true_sequential, tuning=tuning)
+    except BaseException:
+        runner.restore()
+        raise
     for record in records:
         log.info("block %d: N=%d, relative output errors %s", record.index, record.n,
                  {k: round(v, 4) for k, v in record.errors.items()})

@@ -56,8 +56,12 @@ def is_conv1d(module: torch.nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
-def linears_as_nn_linear(block: torch.nn.Module) -> None:
-    """Replace GPT-2's ``Conv1D`` modules in ``block`` by equivalent ``nn.Linear`` (same outputs)."""
+def linears_as_nn_linear(block: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
+    """Replace GPT-2's ``Conv1D`` modules in ``block`` by equivalent ``nn.Linear`` (same outputs).
+
+    Returns ``(parent, name, replaced module)`` of every replacement, to undo it.
+    """
+    replaced = []
     for name, child in list(block.named_children()):
         if is_conv1d(child):
             weight = child.weight
@@ -66,5 +70,7 @@ def linears_as_nn_linear(block: torch.nn.Module) -> None:
                 linear.weight.copy_(weight.t())
                 linear.bias.copy_(child.bias)
             setattr(block, name, linear)
+            replaced.append((block, name, child))
         else:
-            linears_as_nn_linear(child)
+            replaced += linears_as_nn_linear(child)
+    return replaced

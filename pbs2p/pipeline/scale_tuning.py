@@ -5,19 +5,25 @@ output also depends on how the errors of its linears interact through attention 
 which no per-linear fit sees. Here masks and signs stay fixed (the packed codes and the storage do not
 change) and only the scales move: ``α = α₀·exp(s)``, ``μ = μ₀ + α₀·t`` with ``s, t`` started at 0 and
 trained with Adam to minimise the mean squared error between the block's output and the uncompressed
-block's output on the same inputs.
+block's output on the same inputs. The tuned scales are kept only if they are finite and the block's
+error went down; otherwise the block keeps its untuned scales and a warning names the block (and the
+linear whose scales went bad).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ..algorithms import BinarizedWeight
 from ..kernels.packing import FORMAT_VERSION, expand_scales
 from ..tensor import BinarySparseTensor
+
+log = logging.getLogger("pbs2p")
+MAX_LR = 0.1
 
 
 @dataclass(frozen=True)
@@ -26,7 +32,7 @@ class ScaleTuning:
 
     Args:
         steps: passes over the calibration batches per block.
-        lr: Adam's learning rate (on ``log α`` and on ``μ/α``).
+        lr: Adam's learning rate (on ``log α`` and on ``μ/α``), at most 0.1.
 
     Example:
         >>> from pbs2p import ScaleTuning
@@ -44,30 +50,37 @@ class ScaleTuning:
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
             raise ValueError(f"ScaleTuning.steps must be an int >= 1 (pass tuning=None for none), got {self.steps!r}")
-        if not isinstance(self.lr, (int, float)) or isinstance(self.lr, bool) or not self.lr > 0:
-            raise ValueError(f"ScaleTuning.lr must be a number > 0, got {self.lr!r}")
+        if not isinstance(self.lr, (int, float)) or isinstance(self.lr, bool) or not 0 < self.lr <= MAX_LR:
+            raise ValueError(f"ScaleTuning.lr must be a number in (0, {MAX_LR}], got {self.lr!r}")
 
 
-class _ScaledBinary:
-    """Differentiable ``Ŵ(s, t)`` of one packed linear, swapped into its ``forward``."""
+class _Tunable:
+    """``Ŵ(s, t) = keep ⊙ (Ŵ₀·exp(s) + t·c)`` of one linear: a gain and an offset of its kept weights per row
+    and ``block`` columns (``c``: their mean magnitude there), swapped into the linear's ``forward``.
 
-    def __init__(self, linear: torch.nn.Linear, parts: BinarizedWeight) -> None:
-        weight: BinarySparseTensor = linear.weight
-        self.linear, self.weight = linear, weight
-        cols = parts.mask.shape[1]
-        self.alpha0 = expand_scales(weight.scale.float(), weight.scale_block, cols)
-        self.mu0 = expand_scales(weight.zero_point.float(), weight.scale_block, cols)
-        self.keep = parts.mask.float()
-        self.sign = torch.where(parts.signs, 1.0, -1.0) * self.keep
-        self.s = torch.zeros(weight.scale.shape, device=weight.scale.device, requires_grad=True)
-        self.t = torch.zeros(weight.scale.shape, device=weight.scale.device, requires_grad=True)
+    For a packed weight (``block`` = its ``scale_block``) this is ``α' = α·exp(s)``, ``μ' = μ·exp(s) + t·c``
+    on the same codes; any binarized weight's stored levels absorb it the same way.
+    """
+
+    def __init__(self, linear: torch.nn.Linear, compressed) -> None:
+        self.linear, self.weight, self.block = linear, linear.weight, compressed.block
+        self.keep = compressed.keep.float()
+        self.w0 = compressed.dense.float() * self.keep
+        out, cols = self.keep.shape
+        nb = math.ceil(cols / self.block)
+        pad = nb * self.block - cols
+        sums = F.pad(self.w0.abs(), (0, pad)).reshape(out, nb, -1).sum(-1)
+        counts = F.pad(self.keep, (0, pad)).reshape(out, nb, -1).sum(-1).clamp_min(1.0)
+        self.c = sums / counts
+        self.s = torch.zeros(out, nb, device=self.w0.device, requires_grad=True)
+        self.t = torch.zeros(out, nb, device=self.w0.device, requires_grad=True)
         self.own_forward = linear.__dict__.get("forward")  # an instance-level forward to restore, if any
 
     def dense(self) -> torch.Tensor:
         cols = self.keep.shape[1]
-        s = expand_scales(self.s, self.weight.scale_block, cols)
-        t = expand_scales(self.t, self.weight.scale_block, cols)
-        return self.alpha0 * torch.exp(s) * self.sign + (self.mu0 + self.alpha0 * t) * self.keep
+        gain = expand_scales(torch.exp(self.s), self.block, cols)
+        offset = expand_scales(self.t * self.c, self.block, cols)
+        return (self.w0 * gain + offset) * self.keep
 
     def attach(self) -> None:
         self.linear.forward = lambda x: F.linear(x, self.dense().to(x.dtype), self.linear.bias)
@@ -78,32 +91,39 @@ class _ScaledBinary:
         else:
             self.linear.forward = self.own_forward
 
-    def packed(self) -> BinarySparseTensor:
-        """The tuned scales on the same packed codes (nothing is repacked)."""
+    def result(self) -> torch.Tensor:
+        """The tuned weight: new scales on the same packed codes (nothing is repacked), or the dense weight."""
         w = self.weight
         with torch.no_grad():
-            alpha = w.scale.float() * torch.exp(self.s)
-            mu = w.zero_point.float() + w.scale.float() * self.t
+            if not isinstance(w, BinarySparseTensor):
+                return self.dense().to(w.dtype)
+            gain = torch.exp(self.s)
+            alpha, mu = w.scale.float() * gain, w.zero_point.float() * gain + self.t * self.c
         return BinarySparseTensor(w.qdata, alpha.to(w.dtype).contiguous(), mu.to(w.dtype).contiguous(), w.n, w.m,
                                   w.scale_block, FORMAT_VERSION)
 
 
-def tune_block_scales(block: torch.nn.Module, linears: dict[str, tuple[torch.nn.Linear, BinarizedWeight]],
-                      inputs: list[torch.Tensor], calls, targets: list[torch.Tensor], tuning: ScaleTuning
-                      ) -> dict[str, float]:
-    """Tune ``α, μ`` of the packed ``linears`` (each with the method's result it was packed from), in place.
+def tune_block_scales(runner, i: int, linears: dict[str, tuple], targets: list[torch.Tensor],
+                      tuning: ScaleTuning) -> tuple[dict, list[torch.Tensor]]:
+    """Tune the scales of ``linears`` of block ``i`` of ``runner`` (a ``SequentialRunner``).
 
-    ``inputs[b]`` and ``calls[b]`` are what the block receives for batch ``b``; ``targets[b]`` the output it
-    should produce. Returns the mean training loss of the first and of the last pass.
+    ``linears`` maps names to ``(linear, Compressed)`` (what the linear holds and represents); ``targets[b]`` is the
+    output block ``i`` should give for batch ``b``. Returns what happened (block errors before and after,
+    first and last pass losses, whether the tuned scales were kept) and the block's outputs with the
+    scales it keeps.
     """
-    params = [_ScaledBinary(lin, parts) for lin, parts in linears.values()]
+    block, inputs, calls = runner.blocks[i], runner.hidden, runner.calls[i]
+    untuned = runner.run_block(i, inputs)
+    before = _mse(untuned, targets)
+    params = {name: _Tunable(lin, compressed) for name, (lin, compressed) in linears.items()}
     frozen = [p for p in block.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
-    opt = torch.optim.Adam([p for sb in params for p in (sb.s, sb.t)], lr=tuning.lr)
-    for sb in params:
+    opt = torch.optim.Adam([p for sb in params.values() for p in (sb.s, sb.t)], lr=tuning.lr)
+    for sb in params.values():
         sb.attach()
     losses: list[list[float]] = []
+    problem = None
     try:
         with torch.enable_grad():
             for _ in range(tuning.steps):
@@ -112,14 +132,52 @@ def tune_block_scales(block: torch.nn.Module, linears: dict[str, tuple[torch.nn.
                     opt.zero_grad(set_to_none=True)
                     out = block(x, *call.args, **call.kwargs)
                     loss = F.mse_loss((out[0] if isinstance(out, tuple) else out).float(), y.float())
+                    if not torch.isfinite(loss):
+                        problem = f"the tuning loss became {loss.item()}"
+                        break
                     loss.backward()
                     opt.step()
                     losses[-1].append(loss.item())
+                if problem:
+                    break
     finally:
-        for sb in params:
+        for sb in params.values():
             sb.detach()
         for p in frozen:
             p.requires_grad_(True)
-    for sb in params:
-        sb.linear.weight = torch.nn.Parameter(sb.packed(), requires_grad=False)
-    return {"first_pass": sum(losses[0]) / len(losses[0]), "last_pass": sum(losses[-1]) / len(losses[-1])}
+    record = {"before": before, "first_pass": _mean(losses[0]), "last_pass": _mean(losses[-1]), "kept": False}
+    if problem is None:
+        packed = {name: sb.result() for name, sb in params.items()}
+        bad = [name for name, w in packed.items() if not _finite(w)]
+        if bad:
+            problem = f"the tuned scales of {bad} are not finite"
+        else:
+            untuned_weights = {name: lin.weight for name, (lin, _) in linears.items()}
+            for name, (lin, _) in linears.items():
+                runner.set_weight(lin, packed[name])
+            outputs = runner.run_block(i, inputs)
+            record["after"] = _mse(outputs, targets)
+            if record["after"] < before:
+                record["kept"] = True
+                return record, outputs
+            problem = f"the block error did not go down ({before:.4g} -> {record['after']:.4g})"
+            for name, (lin, _) in linears.items():
+                lin.weight = untuned_weights[name]
+    log.warning("scale tuning of block %d refused: %s; the block keeps its untuned scales", i, problem)
+    record["refused"] = problem
+    return record, untuned
+
+
+def _finite(w: torch.Tensor) -> bool:
+    parts = (w.scale, w.zero_point) if isinstance(w, BinarySparseTensor) else (w,)
+    return all(bool(torch.isfinite(t).all()) for t in parts)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def _mse(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
+    """Mean squared difference of a block's outputs and their targets over all batches."""
+    total = sum(float(F.mse_loss(o.float(), y.float(), reduction="sum")) for o, y in zip(outputs, targets, strict=True))
+    return total / max(sum(y.numel() for y in targets), 1)

@@ -28,10 +28,26 @@ from ..tensor import BinarySparseTensor
 from .families import decoder_blocks, is_conv1d, linears_as_nn_linear
 from .scale_tuning import ScaleTuning, tune_block_scales
 
-# (block index, linear name inside the block, the linear, its input Hessian) -> the new weight: a dense
-# tensor, or a packed tensor with the method's result it was packed from
-Compressed = torch.Tensor | tuple[BinarySparseTensor, BinarizedWeight]
-LinearCompressor = Callable[[int, str, torch.nn.Linear, torch.Tensor], Compressed]
+
+@dataclass
+class Compressed:
+    """What a compressor made of one linear: the ``weight`` to store (packed or dense), the float32
+    ``dense`` weight it represents and, for scale tuning, the ``keep`` mask of its nonzero weights and the
+    ``block`` of columns that share a gain and an offset (its scale block)."""
+
+    weight: torch.Tensor
+    dense: torch.Tensor
+    keep: torch.Tensor
+    block: int
+
+    @classmethod
+    def from_parts(cls, weight: BinarySparseTensor, parts: BinarizedWeight) -> Compressed:
+        return cls(weight, parts.dequantize(), parts.mask, parts.scale_block)
+
+
+# (block index, linear name inside the block, the linear, its input Hessian) -> the new weight: a plain
+# tensor (not tuned), or a Compressed
+LinearCompressor = Callable[[int, str, torch.nn.Linear, torch.Tensor], "torch.Tensor | Compressed"]
 
 
 @dataclass
@@ -71,7 +87,8 @@ class SequentialRunner:
     """Holds the calibration activations of one block at a time and walks the decoder blocks.
 
     Construction refuses bad calibration data and NaN/Inf weights before changing anything, then
-    turns GPT-2's ``Conv1D`` into equivalent ``nn.Linear`` and captures the blocks' inputs.
+    turns GPT-2's ``Conv1D`` into equivalent ``nn.Linear`` and captures the blocks' inputs. Every change
+    it makes to the model is recorded, and :meth:`restore` undoes them all (a failed run changes nothing).
     """
 
     def __init__(self, model: torch.nn.Module, calibration: torch.Tensor, batch_size: int = 4) -> None:
@@ -82,8 +99,8 @@ class SequentialRunner:
                 weight = getattr(mod, "weight", None)
                 if (isinstance(mod, torch.nn.Linear) or is_conv1d(mod)) and weight.dtype.is_floating_point:
                     check_finite(f"block {i}: {name}", weight)
-        for block in self.blocks:
-            linears_as_nn_linear(block)
+        self._replaced = [r for block in self.blocks for r in linears_as_nn_linear(block)]
+        self._originals: dict[torch.nn.Linear, torch.nn.Parameter] = {}
         device = next(model.parameters()).device
         captured = [self._capture(model, chunk) for chunk in calibration.to(device).split(batch_size)]
         self.hidden = [h for h, _ in captured]
@@ -222,7 +239,21 @@ class SequentialRunner:
 
     def _set_weights(self, i: int, weights: dict[str, torch.nn.Parameter]) -> None:
         for name, weight in weights.items():
-            self.blocks[i].get_submodule(name).weight = weight
+            self.set_weight(self.blocks[i].get_submodule(name), weight)
+
+    def set_weight(self, linear: torch.nn.Linear, weight: torch.Tensor) -> None:
+        """Replace ``linear``'s weight, remembering the original for :meth:`restore`."""
+        self._originals.setdefault(linear, linear.weight)
+        linear.weight = weight if isinstance(weight, torch.nn.Parameter) else torch.nn.Parameter(weight, False)
+
+    def restore(self) -> None:
+        """Put back every original weight and module this runner replaced."""
+        for linear, weight in self._originals.items():
+            linear.weight = weight
+        for parent, name, module in reversed(self._replaced):
+            setattr(parent, name, module)
+        self._originals.clear()
+        self._replaced.clear()
 
     @torch.no_grad()
     def compress(
@@ -256,32 +287,25 @@ class SequentialRunner:
                 for name in stage:
                     lin, H = linears[name], hessians.pop(name)
                     result = compress(i, name, lin, H)
-                    if isinstance(result, tuple):
-                        weight, parts[name] = result
-                        dense = parts[name].dequantize()
+                    if isinstance(result, Compressed):
+                        parts[name] = result
                     else:
-                        weight, dense = result, result.float()
-                    errors[name] = relative_output_error(originals[name].detach().float(), dense, H)
-                    lin.weight = torch.nn.Parameter(weight, requires_grad=False)
+                        result = Compressed(result, result.float(), result != 0, result.shape[1])
+                    errors[name] = relative_output_error(originals[name].detach().float(), result.dense, H)
+                    self.set_weight(lin, result.weight)
             tune = None
-            if tuning is not None and tuning.steps > 0 and parts:
+            if tuning is not None and parts:  # compressors that return a Compressed are tuned
                 current = {name: lin.weight for name, lin in linears.items()}
                 self._set_weights(i, originals)
                 target = self.run_block(i, self.hidden)
                 self._set_weights(i, current)
-                tune = tune_block_scales(self.blocks[i], {n: (linears[n], p) for n, p in parts.items()},
-                                         self.hidden, self.calls[i], target, tuning)
-            self.hidden = self.run_block(i, self.hidden)
-            if tune is not None:
-                tune["after"] = _mse(self.hidden, target)
+                tuned = {n: (linears[n], p) for n, p in parts.items()}
+                tune, outputs = tune_block_scales(self, i, tuned, target, tuning)
+                self.hidden = outputs
+            else:
+                self.hidden = self.run_block(i, self.hidden)
             records.append(BlockRecord(i, None if ns is None else ns[i], None if cosines is None else cosines[i],
                                        errors, time.perf_counter() - t0, tune))
             bar.set_postfix(worst_err=f"{max(errors.values(), default=0.0):.3f}")
         return records
 
-
-def _mse(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
-    """Mean squared difference of a block's outputs and their targets over all batches."""
-    total = sum(float(torch.nn.functional.mse_loss(o.float(), y.float(), reduction="sum"))
-                for o, y in zip(outputs, targets, strict=True))
-    return total / max(sum(y.numel() for y in targets), 1)

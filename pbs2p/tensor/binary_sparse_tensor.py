@@ -124,6 +124,11 @@ class BinarySparseTensor(TorchAOBaseTensor):
         """The sparsity pattern ``(n, m)``: ``n`` of every ``m`` consecutive inputs are kept."""
         return self.n, self.m
 
+    @property
+    def is_2of4(self) -> bool:
+        """Whether the pattern is 2:4, the semi-structured sparsity that NVIDIA's sparse tensor cores run."""
+        return (self.n, self.m) == (2, 4)
+
     def packed_nbytes(self) -> int:
         """Bytes of everything stored: codes (tile padding included) and scales."""
         return sum(t.numel() * t.element_size() for t in (self.qdata, self.scale, self.zero_point))

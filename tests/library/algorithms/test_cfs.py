@@ -76,12 +76,12 @@ def test_importance_kind_and_errors():
 def test_median_normalization_resists_a_near_zero_cosine():
     """SmolLM2-like cosines: block 0 ≈ 0 (embeddings → hidden states), the rest ≈ 0.95.
 
-    With the mean, every other block's ideal N falls below N_low and the blocks that get N_high are
-    picked by order alone; with the median, the block that changes its input most gets N_high and the
-    most redundant one N_low."""
+    With the mean, every other block's ideal N falls below N_low, so the exact-average correction decides
+    alone, and it goes by importance (never by block order); with the median, the block that changes its
+    input most gets N_high and the most redundant one N_low."""
     cos = [0.006, 0.83, 0.96, 0.97, 0.95, 0.975, 0.74, 0.96]
     by_mean = allocate_n(cos, 6, 8, 5, 7)
-    assert by_mean == [7, 7, 7, 7, 5, 5, 5, 5]  # block order, not importance
+    assert by_mean == [7, 7, 5, 5, 7, 5, 7, 5]  # the four lowest cosines keep 7
     by_median = allocate_n(cos, 6, 8, 5, 7, normalize="median")
     assert sum(by_median) == 6 * len(cos)
     assert by_median[0] == 7 and by_median[6] == 7 and by_median[5] == 5

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pbs2p.algorithms.hessian import HessianAccumulator, prepare_hessian, relative_output_error
+from pbs2p.algorithms import HessianAccumulator, prepare_hessian, relative_output_error
 
 
 def hessian_from_inputs(X: torch.Tensor) -> torch.Tensor:
