@@ -10,100 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-UNIFORM_PPL = 49152  # uniform guessing over SmolLM2's vocabulary
-
-
-def _fmt_ppl(x: float | None) -> str:
-    if x is None:
-        return "—"
-    if x >= 1e4:
-        return f"{x:.3g}"
-    return f"{x:.2f}" if x < 1000 else f"{x:.0f}"
-
-
-def _zeroshot_mean(entry: dict) -> tuple[float, dict] | None:
-    zs = entry.get("zeroshot")
-    if not zs:
-        return None
-    accs = {task: row.get("acc_norm", row.get("acc")) for task, row in zs["tasks"].items()}
-    accs = {k: v for k, v in accs.items() if v is not None}
-    return sum(accs.values()) / len(accs), accs
-
-
-def table(record: dict) -> str:
-    """The markdown table of a result record, rows in insertion order."""
-    rows = [
-        "| method | ppl | honest bits/w | paper bits/w | calibration | compress s | load avg | peak GiB |",
-        "|---|---:|---:|---:|---|---:|---|---:|",
-    ]
-    for e in record["entries"].values():
-        cal = e.get("calibration")
-        cal_s = f"{cal['nsamples']}×{cal['seqlen']}" if cal else "none"
-        la = e.get("loadavg_before"), e.get("loadavg_after")
-        load = f"{la[0][0]:.1f}→{la[1][0]:.1f}" if all(la) else "—"
-        rows.append(
-            f"| {e['method']} | {_fmt_ppl(e.get('ppl'))} | {e['bits_per_weight']:.3f} | {e['paper_bits']:.3f} | "
-            f"{cal_s} | {e['compress_s']:.0f} | {load} | {e['peak_rss_gib_compress']:.2f} |"
-        )
-    out = "\n".join(rows)
-    zs_rows = [(e["method"], _zeroshot_mean(e)) for e in record["entries"].values()]
-    zs_rows = [(m, z) for m, z in zs_rows if z]
-    if zs_rows:
-        tasks = sorted({t for _, (_, accs) in zs_rows for t in accs})
-        lines = ["", "Zero-shot accuracy (acc_norm where the task has it, else acc):", "",
-                 "| method | " + " | ".join(tasks) + " | mean |", "|---|" + "---:|" * (len(tasks) + 1)]
-        for m, (mean, accs) in zs_rows:
-            cells = " | ".join(f"{accs[t]:.3f}" if t in accs else "—" for t in tasks)
-            lines.append(f"| {m} | {cells} | {mean:.3f} |")
-        out += "\n" + "\n".join(lines)
-    for extra in (claims_table(record), cfs_table(record)):
-        out += "\n\n" + extra if extra else ""
-    return out
-
-
-def claims_table(record: dict) -> str:
-    """The paper's claims, like with like: PBS²P 6:8 below the BiLLM-style baseline, and PBS²P at each N:M at
-    most half the perplexity of the STBLLM-style baseline at the same N:M — the paper's method alone against
-    the plain baselines, and the library default against the baselines with the same harness additions."""
-    ppl = {e["method"]: e["ppl"] for e in record["entries"].values() if e.get("ppl") is not None}
-    pairs = []
-    for suffix, base_suffix in (("+paper", ""), ("", "+true_seq+tune")):
-        pairs.append((f"pbs2p-6:8{suffix}", f"billm{base_suffix}", 1.0))
-        pairs += [(f"pbs2p-{nm}{suffix}", f"stbllm-{nm}{base_suffix}", 0.5) for nm in ("6:8", "5:8", "4:8", "2:4")]
-    rows = []
-    for ours, theirs, factor in pairs:
-        if ours in ppl and theirs in ppl:
-            a, b = ppl[ours], ppl[theirs]
-            claim = f"{ours} < {theirs}" if factor == 1.0 else f"{ours} ≤ ½ {theirs}"
-            holds = a < b if factor == 1.0 else a <= factor * b
-            rows.append(f"| {claim} | {_fmt_ppl(a)} vs {_fmt_ppl(b)} | {a / b:.3f} | {'yes' if holds else 'no'} |")
-    if not rows:
-        return ""
-    return "\n".join(["The paper's claims on these entries (like with like):", "",
-                      "| claim | ppl (ours vs baseline) | ratio | holds |", "|---|---|---:|---|", *rows])
-
-
-def cfs_table(record: dict) -> str:
-    """The per-block N that CFS chose, for every PBS²P entry (run-length encoded: ``N×count``)."""
-    rows = []
-    for e in record["entries"].values():
-        ns = e.get("block_n")
-        if not ns or not e["method"].startswith("pbs2p"):
-            continue
-        runs, prev, count = [], ns[0], 0
-        for n in ns + [None]:
-            if n == prev:
-                count += 1
-            else:
-                runs.append(f"{prev}×{count}")
-                prev, count = n, 1
-        cfs = (e.get("calibrate") or {}).get("cfs")
-        how = f"CFS ({cfs['normalize']})" if isinstance(cfs, dict) else "no CFS"
-        rows.append(f"| {e['method']} | {how} | {', '.join(runs)} |")
-    if not rows:
-        return ""
-    return "\n".join(["Per-block N (blocks in order, `N×count`):", "", "| method | allocation | N per block |",
-                      "|---|---|---|", *rows])
+from pbs2p_lab.report import UNIFORM_PPL, quality_table
 
 
 def plot(record: dict, path: Path) -> None:
@@ -166,7 +73,7 @@ def write_report(path: Path) -> str:
              "data. Honest bits count every stored bit with the scales in the dtype they are stored in (fp32 "
              "here, for every method: signs, kept-set indices or masks, salient-column bitmaps, group bitmaps, "
              "scales); paper bits count one bit per kept weight (the peers' convention).")
-    md = head + "\n\n" + table(record) + "\n"
+    md = head + "\n\n" + quality_table(record) + "\n"
     Path(path).with_suffix(".md").write_text(md)
     plot(record, Path(path).with_suffix(".png"))
     return md

@@ -16,6 +16,7 @@ extensions = [
     "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
     "myst_parser",
+    "sphinxarg.ext",
 ]
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 myst_enable_extensions = ["dollarmath", "amsmath"]
@@ -28,3 +29,15 @@ exclude_patterns = ["_build", "generated/*.md"]
 templates_path = ["_templates"]
 html_theme = "alabaster"
 suppress_warnings = ["myst.header"]
+
+# `sphinx-build -n -W` (nitpicky) must pass offline: the machines that build these docs reach no documentation
+# site, so names of other projects (torch, torchao, transformers, the standard library) are not linked.
+nitpicky = True
+nitpick_ignore_regex = [
+    (r"py:.*", r"(torch|torchao|transformers|safetensors|collections|pathlib|os|typing|dataclasses)(\..*)?"),
+    (r"py:class", r"(int|float|str|bool|dict|list|tuple|object|None|Callable|Sequence|Iterator|Path)"),
+    (r"py:class", r"(optional|default .*|callable)"),
+    # internal modules and helpers named in docstrings but not part of the documented API
+    (r"py:.*", r"(BlockRecord|load_model|pbs2p\.(kernels|algorithms|pipeline\.sequential)(\..*)?)"),
+    (r"py:.*", r"pbs2p_lab\.(data|eval)\..*"),
+]

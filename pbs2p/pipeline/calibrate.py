@@ -11,7 +11,7 @@ import torch
 from ..algorithms import allocate_n
 from ..config import PBS2P
 from ..interop import mark_hf_quantized
-from ..quantize import ConversionReport, compress_parts, conversion_report, skip_reason, to_tensor
+from ..quantize import HEAD, ConversionReport, compress_parts, conversion_report, skip_reason, to_tensor
 from .scale_tuning import ScaleTuning
 from .sequential import BlockRecord, Compressed, SequentialRunner
 
@@ -166,7 +166,7 @@ def calibrate(
                  {k: round(v, 4) for k, v in record.errors.items()})
     report = conversion_report(model, config)
     outside = "outside the decoder blocks (kept in full precision)"
-    report.skipped = [(name, outside if reason == "not converted" else reason) for name, reason in report.skipped]
+    report.skipped = [(name, outside if why in ("not converted", HEAD) else why) for name, why in report.skipped]
     mark_hf_quantized(model, config)
     return CalibrationResult(report, records, time.perf_counter() - start, calibration.numel())
 

@@ -126,7 +126,7 @@ class BinarySparseTensor(TorchAOBaseTensor):
 
     @property
     def is_2of4(self) -> bool:
-        """Whether the pattern is 2:4, the semi-structured sparsity that NVIDIA's sparse tensor cores run."""
+        """True when exactly 2 of every 4 inputs are kept (the sparsity NVIDIA's sparse tensor cores run)."""
         return (self.n, self.m) == (2, 4)
 
     def packed_nbytes(self) -> int:

@@ -57,7 +57,6 @@ def test_compress_data_free_then_eval_and_report(tmp_path):
     assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
     assert (tmp_path / "report" / "README.md").read_text().count("| tiny |") == 1
     assert (tmp_path / "report" / "ppl_vs_bits.png").stat().st_size > 0
-    assert (tmp_path / "report" / "per_layer_error.png").stat().st_size > 0
 
 
 def test_compress_calibrated_records_the_calibration(tmp_path):
@@ -113,7 +112,7 @@ def test_report_from_synthetic_records(tmp_path):
         return {"label": label, "method": method, "nm": "4:8" if layers else None, "bits_per_weight": bits,
                 "bits_per_weight_kept": 0.5 if layers else None, "size_mb": 10.0,
                 "perplexity": {"ppl": ppl, "windows": 3, "seqlen": 64}, "per_layer": layers, "wall_s": {"ppl": 1.0},
-                "zeroshot": {"tasks": {"piqa": {"acc": 0.625, "n": 8}}}}
+                "zeroshot": {"tasks": {"piqa": {"acc": 0.625, "acc_norm": 0.5, "n": 8}}}}
 
     layers = [{"name": f"l{i}", "weight_rel_error": 0.5, "output_rel_error": 0.1 * (i + 1)} for i in range(4)]
     record = {"schema": "pbs2p-result-v1", "model": {"name": "m"},
@@ -121,9 +120,23 @@ def test_report_from_synthetic_records(tmp_path):
     path = tmp_path / "r.json"
     path.write_text(json.dumps(record))
     table = markdown_table(load_rows([path]))
-    assert "| m | pbs2p | pbs2p-spbo | 4:8 | 1.370 | 0.500 | 10.00 | 90.00 | 3×64 | 62.5 | 1 |" in table
+    assert "| m | pbs2p | pbs2p-spbo | 4:8 | 1.370 | 0.500 | 10.00 | 90.00 | 3×64 | 0.500 | 1 |" in table
+    assert "acc_norm where the task has it" in table
     readme = write_report([path], tmp_path / "out")
-    assert "ppl_vs_bits.png" in readme.read_text() and (tmp_path / "out" / "per_layer_error.png").exists()
+    assert "ppl_vs_bits.png" in readme.read_text() and (tmp_path / "out" / "ppl_vs_bits.png").exists()
     path.write_text(json.dumps({"schema": "other"}))
     with pytest.raises(ValueError, match="not a pbs2p result"):
         load_rows([path])
+    path.write_text("{truncated")
+    with pytest.raises(ValueError, match="cannot read the result file"):
+        write_report([path], tmp_path / "out")
+
+
+def test_report_reads_every_committed_result_file(tmp_path):
+    from pathlib import Path
+
+    files = sorted(str(p) for p in (Path(__file__).parents[2] / "benchmarks" / "results").glob("*/*.json"))
+    assert len(files) >= 10
+    assert main(["report", *files, "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "README.md").read_text()
+    assert text.count("\n## `") == len(files)

@@ -51,8 +51,8 @@ def test_tiny_llama_converts_every_linear():
     ids = torch.randint(0, 256, (2, 16))
     report = pbs2p.quantize_(model, PBS2P(n=4, m=8))
     names = [name for name, _ in report.converted]
-    assert len(names) == 2 * 7 + 1  # q k v o gate up down per layer, and lm_head
-    assert not report.skipped
+    assert len(names) == 2 * 7  # q k v o gate up down per layer; the LM head is kept unless asked
+    assert report.skipped == [("lm_head", pbs2p.quantize.HEAD)]
     logits = model(ids).logits
     assert torch.isfinite(logits).all()
     q = model.model.layers[0].self_attn.q_proj
@@ -184,4 +184,26 @@ def test_convert_without_calibration_refused():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="saw no calibration input"):
         torchao_quantize_(model, PBS2P(n=4, m=8, step="convert"))
+    assert_unchanged(model, before)
+
+
+def test_the_lm_head_is_converted_only_when_asked():
+    model = tiny_llama()
+    assert not model.config.tie_word_embeddings
+    report = pbs2p.quantize_(model, PBS2P(n=4, m=8), filter_fn=lambda mod, name: isinstance(mod, torch.nn.Linear))
+    assert "lm_head" in dict(report.converted)
+
+
+@pytest.mark.parametrize("via", ["pbs2p", "torchao"])
+def test_modules_that_are_not_linears_are_refused_by_name(via):
+    model = tiny_llama()
+    before = snapshot(model)
+    pick = lambda mod, name: name in ("model.embed_tokens", "model.layers.0.mlp.down_proj")  # noqa: E731
+    with pytest.raises(ValueError, match="nn.Linear weights only"):
+        if via == "pbs2p":
+            pbs2p.quantize_(model, PBS2P(n=4, m=8), filter_fn=pick)
+        else:
+            from torchao.quantization import FqnToConfig
+
+            torchao_quantize_(model, FqnToConfig({"model.embed_tokens": PBS2P(n=4, m=8)}), filter_fn=None)
     assert_unchanged(model, before)

@@ -158,15 +158,15 @@ def test_progressive_steps_beat_pruning_at_once():
 
 
 def test_calibrated_equals_data_free_when_h_is_the_identity():
-    """With H ∝ I nothing is compensated and every column weighs the same: SPBO with data is SPBO without."""
+    """With H ∝ I nothing is compensated and every column weighs the same: SPBO with data selects what SPBO
+    without data selects. (The levels differ by design: with data, the last step keeps the levels its sweep
+    binarized with, which its pushed errors assume; without data, the binarizer is refitted once more.)"""
     for n, m in NMS:
         W = torch.randn(32, 128, generator=torch.Generator().manual_seed(n * m)) + 0.3
         free = compress(W, None, n, m)
         for comp in ("column", "block", "block-diag"):
             cal = compress(W, 3.0 * torch.eye(128), n, m, compensation=comp, extras=["obs_weights"])
             assert torch.equal(cal.mask, free.mask) and torch.equal(cal.signs, free.signs)
-            torch.testing.assert_close(cal.alpha, free.alpha)
-            torch.testing.assert_close(cal.mu, free.mu)
 
 
 # ------------------------------------------------------------------------- refit and act-order

@@ -1,0 +1,96 @@
+"""Mutation testing of the method core: how many injected bugs the algorithm tests catch.
+
+    python benchmarks/mutation.py [--max-children 2]
+
+Runs `mutmut <https://mutmut.readthedocs.io>`_ (configured in ``pyproject.toml``: it mutates
+``pbs2p/algorithms/method.py``, ``cfs.py`` and ``hessian.py`` — operators, constants, arguments — and runs
+``tests/library/algorithms/`` against every mutant), then writes the kill rate per file and the diff of every
+surviving mutant to ``benchmarks/results/mutation/mutation.{json,md}``. A mutant is *killed* when a test
+fails (or times out) with it, *survives* when every test passes. About an hour on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "mutation"
+KILLED = {"killed", "timeout", "segfault", "caught by type check"}
+
+
+def mutmut(*args: str, check: bool = True) -> str:
+    cmd = [sys.executable, "-m", "mutmut", *args]
+    env = {**os.environ, "TORCHAO_FORCE_SKIP_LOADING_SO_FILES": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def statuses() -> dict[str, str]:
+    """``{mutant name: status}`` from ``mutmut results --all true``."""
+    out = {}
+    for line in mutmut("results", "--all", "true").splitlines():
+        match = re.match(r"\s*([\w.]+__mutmut_\d+): (.+)$", line)
+        if match:
+            out[match.group(1)] = match.group(2).strip()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--max-children", type=int, default=2, help="mutants tested in parallel")
+    args = ap.parse_args(argv)
+    start = time.perf_counter()
+    mutmut("run", "--max-children", str(args.max_children), check=False)
+    seconds = time.perf_counter() - start
+    status = statuses()
+    if not status:
+        raise SystemExit("mutmut produced no results")
+    per_file: dict[str, Counter] = {}
+    for name, state in status.items():
+        module = name.split(".x_")[0].split("__mutmut")[0].rsplit(".", 1)[0]
+        per_file.setdefault(module, Counter())[state] += 1
+    survivors = sorted(name for name, state in status.items() if state not in KILLED)
+    total, killed = len(status), sum(state in KILLED for state in status.values())
+    record = {
+        "command": "python benchmarks/mutation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "mutated": ["pbs2p/algorithms/method.py", "pbs2p/algorithms/cfs.py", "pbs2p/algorithms/hessian.py"],
+        "tests": "tests/library/algorithms/ (test_pins.py deselected: it runs the library in a subprocess)",
+        "mutants": total, "killed": killed, "kill_rate": killed / total, "seconds": round(seconds),
+        "by_status": dict(Counter(status.values())),
+        "by_file": {module: dict(counts) for module, counts in sorted(per_file.items())},
+        "survivors": {name: mutmut("show", name, check=False) for name in survivors},
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "mutation.json").write_text(json.dumps(record, indent=1) + "\n")
+    lines = [
+        "# Mutation testing of the method core", "",
+        f"`{record['command'].strip()}`: mutmut mutated {', '.join(record['mutated'])} and ran {record['tests']} "
+        f"against every mutant ({record['seconds']} s).", "",
+        f"**{killed} of {total} mutants killed: {killed / total:.1%}.**", "",
+        "| module | " + " | ".join(sorted({s for c in per_file.values() for s in c})) + " |",
+        "|---|" + "---:|" * len({s for c in per_file.values() for s in c}),
+    ]
+    keys = sorted({s for c in per_file.values() for s in c})
+    for module, counts in sorted(per_file.items()):
+        lines.append(f"| {module} | " + " | ".join(str(counts.get(k, 0)) for k in keys) + " |")
+    if survivors:
+        lines += ["", "## Surviving mutants", ""]
+        for name in survivors:
+            lines += [f"### `{name}`", "", "```diff", record["survivors"][name].strip(), "```", ""]
+    (RESULTS / "mutation.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[:12]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
