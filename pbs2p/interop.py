@@ -11,16 +11,31 @@ once, at ``import pbs2p``:
   in ``ALLOWED_AO_MODULES``.
 
 transformers gathers a weight's inner tensors by the torchao names ``qdata``/``scale``/``zero_point``,
-which is why :class:`BinarySparseTensor` uses them. But when a checkpoint lacks a weight's tensors,
-transformers initializes that weight at random and only logs it; for a compressed model that is never
-right, so :func:`register` also makes transformers' torchao loader call :func:`verify_loaded` after
-loading a PBS²P checkpoint, which refuses missing, damaged or mis-shaped weights.
-``tests/test_interop.py`` fails loudly if a new torchao or transformers release moves any of this.
+which is why :class:`BinarySparseTensor` uses them. But when a checkpoint lacks a weight, transformers
+initializes it at random and only logs it; for a compressed model that is never right. So
+:func:`register` also hooks transformers' loader, and ``from_pretrained`` refuses (``ValueError`` naming
+the tensors; the files are only read):
+
+* safetensors files holding packed PBS²P weights while ``config.json`` has no PBS²P
+  ``quantization_config`` (without one, transformers loads a plain model and initializes every packed
+  linear at random): checked from the files' headers before any weight is read;
+* for a PBS²P checkpoint, any parameter the files do not provide (a removed weight, a missing
+  ``embed_tokens``, ``num_hidden_layers`` raised in the config), any tensor of the files the model
+  has no place for, and any shape mismatch;
+* then :func:`verify_loaded`: a packed weight listed in the metadata but not loaded, a weight without its
+  checksum in the metadata (the integrity check cannot be switched off by deleting it), a packed weight
+  of another shape than its linear, and packed weights whose ``N:M`` the config's :class:`PBS2P` does
+  not describe (``m`` must match; the kept fraction must be ``n / m``, which CFS's per-block N keeps).
+
+``tests/library/test_interop.py`` fails loudly if a new torchao or transformers release moves any of this.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import struct
+from collections.abc import Iterable
 
 import torch
 from torchao.core import config as ao_config
@@ -29,37 +44,165 @@ from torchao.prototype.safetensors import safetensors_utils
 from .config import PBS2P
 from .tensor import BinarySparseTensor
 
+REFUSAL = "refusing this pbs2p checkpoint, it is damaged or incomplete"
 
-def verify_loaded(model: torch.nn.Module, metadata: dict[str, str] | None = None) -> None:
-    """Raise ``ValueError`` unless every packed weight of ``model`` is present and has its module's shape.
+
+def _refuse(problems: list[str], advice: str = "") -> None:
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise ValueError(f"{REFUSAL}: {shown}{'. ' + advice if advice else ''}")
+
+
+def packed_entries(metadata: dict[str, str] | None) -> dict[str, dict]:
+    """The metadata entries (torchao's safetensors format) of every :class:`BinarySparseTensor`, by parameter name.
+
+    >>> packed_entries({"a.weight": '{"_type": "BinarySparseTensor", "_data": {"n": 4}}', "b": '{"_type": "Tensor"}'})
+    {'a.weight': {'_type': 'BinarySparseTensor', '_data': {'n': 4}}}
+    """
+    entries = {}
+    for key, value in (metadata or {}).items():
+        try:
+            entry = json.loads(value)
+        except (TypeError, ValueError):
+            continue
+        if isinstance(entry, dict) and entry.get("_type") == BinarySparseTensor.__name__:
+            entries[key] = entry
+    return entries
+
+
+def verify_loaded(model: torch.nn.Module, metadata: dict[str, str] | None = None, config: PBS2P | None = None) -> None:
+    """Raise ``ValueError`` unless every packed weight of ``model`` is present, intact and described by ``config``.
 
     ``metadata`` is the safetensors metadata of the checkpoint (torchao's format): every tensor it lists
-    as a :class:`BinarySparseTensor` must have been loaded as one.
+    as a :class:`BinarySparseTensor` must have been loaded as one, and must carry its checksum (which the
+    load verified). ``config`` is the checkpoint's :class:`PBS2P` (``config.json``): every packed weight
+    has its ``m``, and together they keep ``n / m`` of their weights (CFS varies ``n`` per block, not the mean).
+
+    Example:
+        >>> import torch
+        >>> from pbs2p import PBS2P, quantize_
+        >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64))
+        >>> _ = quantize_(model, PBS2P(n=4, m=8))
+        >>> verify_loaded(model, config=PBS2P(n=4, m=8))
+        >>> verify_loaded(model, config=PBS2P(n=2, m=4))
+        Traceback (most recent call last):
+        ...
+        ValueError: refusing this pbs2p checkpoint, it is damaged or incomplete: 0.weight is 4:8, but the checkpoint's \
+quantization_config says 2:4 (config.json was edited, or belongs to another checkpoint). Restore the config.json \
+written with these weights
     """
     problems = []
+    packed: dict[str, BinarySparseTensor] = {}
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if isinstance(module, torch.nn.Linear) and isinstance(weight, BinarySparseTensor):
+            packed[f"{name}.weight" if name else "weight"] = weight
             expected = (module.out_features, module.in_features)
             if tuple(weight.shape) != expected:
                 problems.append(f"{name}.weight is {tuple(weight.shape)}, the model expects {expected}")
-    if metadata:
-        for key in json.loads(metadata.get("tensor_names", "[]")):
-            entry = metadata.get(key)
-            if entry is None:
-                problems.append(f"{key} has no metadata")
-            elif json.loads(entry).get("_type") == BinarySparseTensor.__name__:
-                try:
-                    loaded = model.get_parameter(key)
-                except AttributeError:
-                    loaded = None
-                if not isinstance(loaded, BinarySparseTensor):
-                    problems.append(
-                        f"{key} is packed in the checkpoint but was not loaded (missing or damaged tensors)"
-                    )
-    if problems:
-        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise ValueError(f"refusing this pbs2p checkpoint, it is damaged or incomplete: {shown}")
+    for key, entry in packed_entries(metadata).items():
+        try:
+            loaded = model.get_parameter(key)
+        except AttributeError:
+            loaded = None
+        if not isinstance(loaded, BinarySparseTensor):
+            problems.append(f"{key} is packed in the checkpoint but was not loaded (missing or damaged tensors)")
+        if not (entry.get("_data") or {}).get("checksum"):
+            problems.append(f"{key} has no checksum in the checkpoint's metadata (written by another tool, or edited)")
+    if config is not None and packed:
+        other_m = [f"{key} is {w.n}:{w.m}" for key, w in packed.items() if w.m != config.m]
+        kept = sum(w.numel() * w.n for w in packed.values())
+        if other_m:
+            problems.append(f"{other_m[0]}, but the checkpoint's quantization_config says {config.n}:{config.m} "
+                            "(config.json was edited, or belongs to another checkpoint)")
+        elif kept != config.n * sum(w.numel() for w in packed.values()):
+            mean = kept / sum(w.numel() for w in packed.values())
+            problems.append(f"the packed weights keep {mean:.3f} of every {config.m} weights on average, but the "
+                            f"checkpoint's quantization_config says {config.n}:{config.m} (config.json was edited, "
+                            "or belongs to another checkpoint)")
+    _refuse(problems, "Restore the config.json written with these weights" if config is not None and problems and
+            all("quantization_config" in p for p in problems) else "")
+
+
+def _loading_problems(loading_info) -> list[str]:  # noqa: ANN001 (transformers' LoadStateDictInfo)
+    """What a load report says is wrong: any of it means weights initialized at random or dropped."""
+    problems = [f"{key} is not in the checkpoint (transformers would initialize it at random)"
+                for key in sorted(loading_info.missing_keys)]
+    problems += [f"{key} has shape {tuple(got)} in the checkpoint, the model expects {tuple(want)}"
+                 for key, got, want in sorted(loading_info.mismatched_keys, key=str)]
+    problems += [f"the checkpoint holds {key}, which this model has no place for (does config.json match the "
+                 "weights, e.g. num_hidden_layers?)" for key in sorted(loading_info.unexpected_keys)]
+    for key, error in sorted(getattr(loading_info, "conversion_errors", {}).items()):
+        lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+        problems.append(f"{key} could not be rebuilt ({lines[-1] if lines else 'conversion failed'})")
+    return problems
+
+
+def read_safetensors_metadata(path: str | os.PathLike[str]) -> tuple[dict[str, str], list[str]] | None:
+    """The ``__metadata__`` and tensor names of a safetensors file, from its header only (``None`` if unreadable).
+
+    >>> read_safetensors_metadata("/nonexistent.safetensors") is None
+    True
+    """
+    try:
+        with open(path, "rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            if size > 100 * 2**20:
+                return None
+            header = json.loads(fh.read(size))
+    except (OSError, ValueError, struct.error):
+        return None
+    if not isinstance(header, dict):
+        return None
+    metadata = header.pop("__metadata__", None) or {}
+    return (metadata if isinstance(metadata, dict) else {}), list(header)
+
+
+def _is_pbs2p(quantizer) -> bool:  # noqa: ANN001
+    return isinstance(getattr(getattr(quantizer, "quantization_config", None), "quant_type", None), PBS2P)
+
+
+def check_checkpoint_files(checkpoint_files: Iterable[str] | None, quantizer) -> None:  # noqa: ANN001
+    """Refuse safetensors files whose packed PBS²P weights the model's config would not load as such.
+
+    Without a PBS²P ``quantization_config`` in ``config.json``, transformers builds plain linears and
+    initializes each packed one at random (their flattened tensors are merely "unexpected"). With one,
+    the files must carry torchao's metadata, which is what describes the packed weights.
+    Reads the files' headers only.
+    """
+    files = [str(p) for p in checkpoint_files or () if str(p).endswith(".safetensors")]
+    found: list[str] = []
+    described = False
+    for path in files:
+        header = read_safetensors_metadata(path)
+        if header is None:
+            continue
+        metadata, names = header
+        entries = list(packed_entries(metadata))
+        described |= bool(entries)
+        # without metadata too: torchao's flattened names of a packed weight ("<module>._weight_qdata")
+        entries += [name.replace("._weight_qdata", ".weight") for name in names if name.endswith("._weight_qdata")]
+        found += [f"{name} (in {os.path.basename(path)})" for name in dict.fromkeys(entries)]
+    if _is_pbs2p(quantizer):
+        if files and getattr(quantizer, "pre_quantized", False) and not described:
+            raise ValueError(
+                f"{REFUSAL}: config.json says the weights are packed PBS2P, but the metadata of "
+                f"{', '.join(os.path.basename(f) for f in files)} describes no packed weight"
+                + (f" (the files hold {found[0].split(' ')[0]}, ...)" if found else "")
+                + ": the safetensors metadata was stripped or the files were replaced. Use the files that "
+                "save_pretrained wrote"
+            )
+        return
+    if found:
+        config = getattr(quantizer, "quantization_config", None)
+        says = "no quantization_config" if config is None else f"quantization_config {type(config).__name__}" + (
+            f"({type(config.quant_type).__name__})" if hasattr(config, "quant_type") else "")
+        raise ValueError(
+            f"{REFUSAL}: the files hold {len(found)} packed PBS2P weight(s), e.g. {', '.join(found[:3])}, but "
+            f"config.json has {says}, so transformers would initialize those linears at random. Restore the "
+            "\"quantization_config\" entry that save_pretrained wrote into config.json (quant_method \"torchao\", "
+            "quant_type PBS2P)"
+        )
 
 
 def mark_hf_quantized(model: torch.nn.Module, config: PBS2P) -> None:
@@ -83,25 +226,69 @@ def mark_hf_quantized(model: torch.nn.Module, config: PBS2P) -> None:
     model.quantization_method = quantization_config.quant_method
 
 
+def _drop_load_only_conversions(model: torch.nn.Module) -> None:
+    """Forget the loader's torchao deserialization steps, which have no reverse: ``save_pretrained`` of a loaded
+    model would fail on them (it flattens the packed weights itself)."""
+    from transformers.integrations.torchao import TorchAoDeserialize
+
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions:
+        model._weight_conversions = [c for c in conversions if not any(
+            isinstance(op, TorchAoDeserialize) for op in getattr(c, "operations", ()))]
+
+
 def _patch_transformers_loader() -> None:
+    from transformers.modeling_utils import PreTrainedModel
     from transformers.quantizers.quantizer_torchao import TorchAoHfQuantizer
 
-    if getattr(TorchAoHfQuantizer, "_pbs2p_verifies", False):
-        return
-    original = TorchAoHfQuantizer._process_model_after_weight_loading
+    if not getattr(TorchAoHfQuantizer, "_pbs2p_verifies", False):
+        original = TorchAoHfQuantizer._process_model_after_weight_loading
 
-    def after_loading(self, model, **kwargs):
-        model = original(self, model, **kwargs)
-        if isinstance(self.quantization_config.quant_type, PBS2P):
-            verify_loaded(model, getattr(self, "metadata", None) if self.pre_quantized else None)
-        return model
+        def after_loading(self, model, **kwargs):
+            model = original(self, model, **kwargs)
+            if _is_pbs2p(self):
+                if self.pre_quantized:
+                    verify_loaded(model, getattr(self, "metadata", None), self.quantization_config.quant_type)
+                    _drop_load_only_conversions(model)
+                else:
+                    verify_loaded(model)
+            return model
 
-    TorchAoHfQuantizer._process_model_after_weight_loading = after_loading
-    TorchAoHfQuantizer._pbs2p_verifies = True
+        TorchAoHfQuantizer._process_model_after_weight_loading = after_loading
+        TorchAoHfQuantizer._pbs2p_verifies = True
+
+    if not getattr(PreTrainedModel._load_pretrained_model, "_pbs2p_checks", False):
+        load = PreTrainedModel._load_pretrained_model
+
+        def load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs):
+            check_checkpoint_files(checkpoint_files, getattr(load_config, "hf_quantizer", None))
+            return load(model, state_dict, checkpoint_files, load_config, *args, **kwargs)
+
+        load_pretrained_model._pbs2p_checks = True
+        PreTrainedModel._load_pretrained_model = staticmethod(load_pretrained_model)
+
+    if not getattr(PreTrainedModel._finalize_model_loading, "_pbs2p_checks", False):
+        finalize = PreTrainedModel._finalize_model_loading
+
+        def finalize_model_loading(model, load_config, loading_info, *args, **kwargs):
+            quantizer = getattr(load_config, "hf_quantizer", None)
+            ours = _is_pbs2p(quantizer) and quantizer.pre_quantized
+            try:
+                loading_info = finalize(model, load_config, loading_info, *args, **kwargs)
+            except RuntimeError as exc:  # transformers' generic "issues during automatic conversion"
+                if ours:
+                    _refuse(_loading_problems(loading_info), f"(transformers: {exc})")
+                raise
+            if ours:
+                _refuse(_loading_problems(loading_info))
+            return loading_info
+
+        finalize_model_loading._pbs2p_checks = True
+        PreTrainedModel._finalize_model_loading = staticmethod(finalize_model_loading)
 
 
 def register() -> None:
-    """Allowlist :class:`BinarySparseTensor` and :class:`PBS2P` for safe loading (idempotent)."""
+    """Allowlist :class:`BinarySparseTensor` and :class:`PBS2P` for safe loading, hook the loader (idempotent)."""
     torch.serialization.add_safe_globals([BinarySparseTensor, PBS2P])
     name = BinarySparseTensor.__name__
     safetensors_utils.ALLOWED_CLASSES[name] = BinarySparseTensor

@@ -184,7 +184,7 @@ def _change_n(md):
     [
         (lambda t: t.__setitem__(f"{KEY}._weight_qdata", t[f"{KEY}._weight_qdata"][:, :3]), None, "checksum"),
         (lambda t: t.pop(f"{KEY}._weight_zero_point"), None, "TorchAoDeserialize"),
-        (_drop_all, None, "packed in the checkpoint but was not loaded"),
+        (_drop_all, None, "is not in the checkpoint"),
         (None, _bump_version, "format version"),
         (None, _change_n, "does not match its checksum"),
         (_flip_a_bit, None, "does not match its checksum"),
