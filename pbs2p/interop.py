@@ -22,16 +22,21 @@ the tensors; the files are only read):
 * for a PBS²P checkpoint, any parameter the files do not provide (a removed weight, a missing
   ``embed_tokens``, ``num_hidden_layers`` raised in the config), any tensor of the files the model
   has no place for, and any shape mismatch;
+* any tensor of the files (packed or not: embeddings, norms, the LM head) whose bytes do not match the
+  digest that ``save_pretrained`` recorded for it in the file's metadata (``pbs2p_tensor_checksums``,
+  written for every file of a PBS²P model), and files without that record;
 * then :func:`verify_loaded`: a packed weight listed in the metadata but not loaded, a weight without its
   checksum in the metadata (the integrity check cannot be switched off by deleting it), a packed weight
-  of another shape than its linear, and packed weights whose ``N:M`` the config's :class:`PBS2P` does
-  not describe (``m`` must match; the kept fraction must be ``n / m``, which CFS's per-block N keeps).
+  of another shape or orientation than its linear, and packed weights whose ``N:M`` the config's
+  :class:`PBS2P` does not describe (``m`` must match; the kept fraction must be ``n / m``, which CFS's
+  per-block N keeps).
 
 ``tests/library/test_interop.py`` fails loudly if a new torchao or transformers release moves any of this.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -45,6 +50,21 @@ from .config import PBS2P
 from .tensor import BinarySparseTensor
 
 REFUSAL = "refusing this pbs2p checkpoint, it is damaged or incomplete"
+#: safetensors metadata key: ``{tensor name: digest}`` of every tensor of the file, written by ``save_pretrained``
+TENSOR_CHECKSUMS = "pbs2p_tensor_checksums"
+_PENDING = "computed when the file is written"
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """A 128-bit BLAKE2b digest of a tensor as safetensors stores it (dtype, shape, bytes).
+
+    >>> tensor_digest(torch.zeros(2)) == tensor_digest(torch.zeros(2)), tensor_digest(torch.zeros(2)) == tensor_digest(
+    ...     torch.zeros(3))
+    (True, False)
+    """
+    digest = hashlib.blake2b(f"{tensor.dtype}:{tuple(tensor.shape)}".encode(), digest_size=16)
+    digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def _refuse(problems: list[str], advice: str = "") -> None:
@@ -100,6 +120,8 @@ written with these weights
             expected = (module.out_features, module.in_features)
             if tuple(weight.shape) != expected:
                 problems.append(f"{name}.weight is {tuple(weight.shape)}, the model expects {expected}")
+            elif weight.transposed:
+                problems.append(f"{name}.weight is stored transposed; a linear's weight is [out, in]")
     for key, entry in packed_entries(metadata).items():
         try:
             loaded = model.get_parameter(key)
@@ -162,13 +184,45 @@ def _is_pbs2p(quantizer) -> bool:  # noqa: ANN001
     return isinstance(getattr(getattr(quantizer, "quantization_config", None), "quant_type", None), PBS2P)
 
 
+def verify_tensor_checksums(path: str | os.PathLike[str]) -> list[str]:
+    """What is wrong with the tensors of one safetensors file of a PBS²P checkpoint (empty if nothing).
+
+    Every tensor must be listed in the file's ``pbs2p_tensor_checksums`` and have that digest (a changed
+    embedding would otherwise load without a word: safetensors and transformers check no content).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    name = os.path.basename(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            try:
+                recorded = json.loads(metadata.get(TENSOR_CHECKSUMS) or "null")
+            except ValueError:
+                recorded = None
+            if not isinstance(recorded, dict):
+                return [f"{name} has no valid {TENSOR_CHECKSUMS} in its metadata (written by another tool, by an "
+                        "older pbs2p, or edited)"]
+            problems = []
+            for key in f.keys():  # noqa: SIM118 (safe_open is no dict)
+                if key not in recorded:
+                    problems.append(f"{key} (in {name}) has no recorded checksum (added or renamed after saving)")
+                elif tensor_digest(f.get_tensor(key)) != recorded[key]:
+                    problems.append(f"{key} (in {name}) does not match its checksum (recorded when saved; damaged "
+                                    "or edited)")
+            return problems
+    except (OSError, SafetensorError, ValueError, RuntimeError) as exc:
+        return [f"{name} cannot be read as safetensors ({type(exc).__name__}: {str(exc)[:200]}); truncated or damaged"]
+
+
 def check_checkpoint_files(checkpoint_files: Iterable[str] | None, quantizer) -> None:  # noqa: ANN001
     """Refuse safetensors files whose packed PBS²P weights the model's config would not load as such.
 
     Without a PBS²P ``quantization_config`` in ``config.json``, transformers builds plain linears and
     initializes each packed one at random (their flattened tensors are merely "unexpected"). With one,
-    the files must carry torchao's metadata, which is what describes the packed weights.
-    Reads the files' headers only.
+    the files must carry torchao's metadata, which is what describes the packed weights, and every
+    tensor must match its recorded digest (:func:`verify_tensor_checksums`). Reads the headers only, and
+    the tensors of a PBS²P checkpoint.
     """
     files = [str(p) for p in checkpoint_files or () if str(p).endswith(".safetensors")]
     found: list[str] = []
@@ -184,7 +238,9 @@ def check_checkpoint_files(checkpoint_files: Iterable[str] | None, quantizer) ->
         entries += [name.replace("._weight_qdata", ".weight") for name in names if name.endswith("._weight_qdata")]
         found += [f"{name} (in {os.path.basename(path)})" for name in dict.fromkeys(entries)]
     if _is_pbs2p(quantizer):
-        if files and getattr(quantizer, "pre_quantized", False) and not described:
+        if not files or not getattr(quantizer, "pre_quantized", False):
+            return
+        if not described:
             raise ValueError(
                 f"{REFUSAL}: config.json says the weights are packed PBS2P, but the metadata of "
                 f"{', '.join(os.path.basename(f) for f in files)} describes no packed weight"
@@ -192,6 +248,8 @@ def check_checkpoint_files(checkpoint_files: Iterable[str] | None, quantizer) ->
                 + ": the safetensors metadata was stripped or the files were replaced. Use the files that "
                 "save_pretrained wrote"
             )
+        _refuse([problem for path in files for problem in verify_tensor_checksums(path)],
+                "Use the files that save_pretrained wrote")
         return
     if found:
         config = getattr(quantizer, "quantization_config", None)
@@ -238,6 +296,7 @@ def _drop_load_only_conversions(model: torch.nn.Module) -> None:
 
 
 def _patch_transformers_loader() -> None:
+    from transformers import modeling_utils
     from transformers.modeling_utils import PreTrainedModel
     from transformers.quantizers.quantizer_torchao import TorchAoHfQuantizer
 
@@ -256,6 +315,30 @@ def _patch_transformers_loader() -> None:
 
         TorchAoHfQuantizer._process_model_after_weight_loading = after_loading
         TorchAoHfQuantizer._pbs2p_verifies = True
+
+    if not getattr(TorchAoHfQuantizer.get_state_dict_and_metadata, "_pbs2p_checks", False):
+        state_dict_and_metadata = TorchAoHfQuantizer.get_state_dict_and_metadata
+
+        def get_state_dict_and_metadata(self, model, *args, **kwargs):
+            state_dict, metadata = state_dict_and_metadata(self, model, *args, **kwargs)
+            if _is_pbs2p(self):
+                metadata = {**metadata, TENSOR_CHECKSUMS: _PENDING}  # filled per file by safe_save_file
+            return state_dict, metadata
+
+        get_state_dict_and_metadata._pbs2p_checks = True
+        TorchAoHfQuantizer.get_state_dict_and_metadata = get_state_dict_and_metadata
+
+    if not getattr(modeling_utils.safe_save_file, "_pbs2p_checks", False):
+        save_file = modeling_utils.safe_save_file
+
+        def safe_save_file(tensors, filename, metadata=None, *args, **kwargs):
+            if metadata and metadata.get(TENSOR_CHECKSUMS) == _PENDING:  # exactly the tensors of this file
+                digests = {key: tensor_digest(value) for key, value in tensors.items()}
+                metadata = {**metadata, TENSOR_CHECKSUMS: json.dumps(digests, sort_keys=True)}
+            return save_file(tensors, filename, metadata, *args, **kwargs)
+
+        safe_save_file._pbs2p_checks = True
+        modeling_utils.safe_save_file = safe_save_file
 
     if not getattr(PreTrainedModel._load_pretrained_model, "_pbs2p_checks", False):
         load = PreTrainedModel._load_pretrained_model

@@ -246,6 +246,13 @@ def test_library_hooks_are_in_place():
     assert safetensors_utils.ALLOWED_CLASSES["BinarySparseTensor"] is BinarySparseTensor
     assert "BinarySparseTensor" in safetensors_utils.ALLOWED_TENSORS_SUBCLASSES
     assert TorchAoHfQuantizer._pbs2p_verifies
+    from transformers import modeling_utils
+
+    # the loader and saver hooks: checkpoint files checked before loading, load reports after, digests written
+    assert modeling_utils.PreTrainedModel._load_pretrained_model._pbs2p_checks
+    assert modeling_utils.PreTrainedModel._finalize_model_loading._pbs2p_checks
+    assert TorchAoHfQuantizer.get_state_dict_and_metadata._pbs2p_checks
+    assert modeling_utils.safe_save_file._pbs2p_checks
     assert BinarySparseTensor.tensor_data_names == ["qdata", "scale", "zero_point"]
     from transformers.quantizers.quantizer_torchao import TorchAoHfQuantizer as Q
 

@@ -89,6 +89,28 @@ def _strip_metadata(tensors, metadata, config):
     metadata.clear()
 
 
+def _change_value(key: str) -> Damage:
+    def damage(tensors, metadata, config):
+        tensors[key] = tensors[key].clone()
+        tensors[key].view(-1)[3] += 0.5
+    return damage
+
+
+def _flip_bits(key: str) -> Damage:
+    def damage(tensors, metadata, config):
+        tensors[key] = tensors[key].clone()
+        tensors[key].view(-1)[1] ^= 0x10
+    return damage
+
+
+def _drop_tensor_checksums(tensors, metadata, config):
+    del metadata["pbs2p_tensor_checksums"]
+
+
+def _add_tensor(tensors, metadata, config):
+    tensors["model.extra.weight"] = torch.zeros(4)
+
+
 #: case id -> (damage, a string the refusal must contain)
 CASES: dict[str, tuple[Damage, str]] = {}
 for _w in TINY_PACKED:
@@ -108,6 +130,15 @@ CASES.update({
     "missing-final-norm": (_drop_plain("model.norm.weight"), "model.norm.weight"),
     "missing-layernorm": (_drop_plain("model.layers.1.input_layernorm.weight"), "model.layers.1.input_layernorm"),
     "metadata-stripped": (_strip_metadata, "describes no packed weight"),
+    # bytes of tensors that have no checksum of their own (embeddings, norms, the LM head) and of packed ones
+    "embedding-value-changed": (_change_value("model.embed_tokens.weight"),
+                                "model.embed_tokens.weight (in model.safetensors) does not match its checksum"),
+    "final-norm-value-changed": (_change_value("model.norm.weight"), "model.norm.weight (in model.safetensors)"),
+    "lm-head-value-changed": (_change_value("lm_head.weight"), "lm_head.weight (in model.safetensors)"),
+    "packed-scale-value-changed": (_change_value(_flat(TINY_PACKED[3], "scale")), _flat(TINY_PACKED[3], "scale")),
+    "packed-codes-bits-flipped": (_flip_bits(_flat(TINY_PACKED[9], "qdata")), _flat(TINY_PACKED[9], "qdata")),
+    "tensor-checksums-removed": (_drop_tensor_checksums, "has no valid pbs2p_tensor_checksums"),
+    "tensor-added": (_add_tensor, "model.extra.weight (in model.safetensors) has no recorded checksum"),
 })
 
 
