@@ -184,6 +184,39 @@ def _is_pbs2p(quantizer) -> bool:  # noqa: ANN001
     return isinstance(getattr(getattr(quantizer, "quantization_config", None), "quant_type", None), PBS2P)
 
 
+def metadata_problems(metadata: dict[str, str], name: str) -> list[str]:
+    """What is wrong with the structure of a file's torchao metadata (empty if nothing): ``tensor_names`` must
+    be a JSON list of names, each with a JSON entry that says its ``_type``.
+
+    >>> metadata_problems({"tensor_names": '["a.weight", ["x"]]', "a.weight": '{"_type": "Tensor"}'}, "f")
+    ["f: the metadata's tensor_names lists ['x'], not a tensor name"]
+    """
+    try:
+        names = json.loads(metadata.get("tensor_names") or "null")
+    except ValueError:
+        names = None
+    if not isinstance(names, list):
+        return [f"{name}: the metadata's tensor_names is not a JSON list"]
+    problems = []
+    for key in names:
+        if not isinstance(key, str):
+            problems.append(f"{name}: the metadata's tensor_names lists {key!r}, not a tensor name")
+            continue
+        try:
+            entry = json.loads(metadata.get(key) or "null")
+        except ValueError:
+            entry = None
+        if not isinstance(entry, dict) or not isinstance(entry.get("_type"), str):
+            problems.append(f"{key} (in {name}) has no valid metadata entry")
+        elif entry["_type"] not in ("Tensor", BinarySparseTensor.__name__):
+            problems.append(f"{key} (in {name}) has metadata of type {entry['_type']!r}, not Tensor or "
+                            f"{BinarySparseTensor.__name__}")
+        elif entry["_type"] == BinarySparseTensor.__name__ and not (
+                isinstance(entry.get("_data"), dict) and isinstance(entry.get("_tensor_data_names"), list)):
+            problems.append(f"{key} (in {name}) has a damaged metadata entry (no _data or _tensor_data_names)")
+    return problems
+
+
 def verify_tensor_checksums(path: str | os.PathLike[str]) -> list[str]:
     """What is wrong with the tensors of one safetensors file of a PBS²P checkpoint (empty if nothing).
 
@@ -240,6 +273,10 @@ def check_checkpoint_files(checkpoint_files: Iterable[str] | None, quantizer) ->
     if _is_pbs2p(quantizer):
         if not files or not getattr(quantizer, "pre_quantized", False):
             return
+        unreadable = [os.path.basename(f) for f in files if read_safetensors_metadata(f) is None]
+        if unreadable:
+            _refuse([f"{name} cannot be read as safetensors (its header is truncated or damaged)"
+                     for name in unreadable], "Use the files that save_pretrained wrote")
         if not described:
             raise ValueError(
                 f"{REFUSAL}: config.json says the weights are packed PBS2P, but the metadata of "
@@ -248,8 +285,12 @@ def check_checkpoint_files(checkpoint_files: Iterable[str] | None, quantizer) ->
                 + ": the safetensors metadata was stripped or the files were replaced. Use the files that "
                 "save_pretrained wrote"
             )
-        _refuse([problem for path in files for problem in verify_tensor_checksums(path)],
-                "Use the files that save_pretrained wrote")
+        problems = []
+        for path in files:
+            header = read_safetensors_metadata(path)
+            problems += metadata_problems(header[0], os.path.basename(path)) if header else []
+            problems += verify_tensor_checksums(path)
+        _refuse(problems, "Use the files that save_pretrained wrote")
         return
     if found:
         config = getattr(quantizer, "quantization_config", None)
@@ -316,6 +357,18 @@ def _patch_transformers_loader() -> None:
         TorchAoHfQuantizer._process_model_after_weight_loading = after_loading
         TorchAoHfQuantizer._pbs2p_verifies = True
 
+    if not getattr(TorchAoHfQuantizer._process_model_before_weight_loading, "_pbs2p_checks", False):
+        before_loading = TorchAoHfQuantizer._process_model_before_weight_loading
+
+        def process_before_loading(self, model, checkpoint_files=None, **kwargs):
+            # the files of a PBS2P checkpoint are checked here, before transformers reads their metadata
+            if _is_pbs2p(self) and self.pre_quantized and checkpoint_files:
+                check_checkpoint_files(checkpoint_files, self)
+            return before_loading(self, model, checkpoint_files=checkpoint_files, **kwargs)
+
+        process_before_loading._pbs2p_checks = True
+        TorchAoHfQuantizer._process_model_before_weight_loading = process_before_loading
+
     if not getattr(TorchAoHfQuantizer.get_state_dict_and_metadata, "_pbs2p_checks", False):
         state_dict_and_metadata = TorchAoHfQuantizer.get_state_dict_and_metadata
 
@@ -344,7 +397,9 @@ def _patch_transformers_loader() -> None:
         load = PreTrainedModel._load_pretrained_model
 
         def load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs):
-            check_checkpoint_files(checkpoint_files, getattr(load_config, "hf_quantizer", None))
+            quantizer = getattr(load_config, "hf_quantizer", None)
+            if not _is_pbs2p(quantizer):  # (a PBS2P checkpoint's files were checked before its model was built)
+                check_checkpoint_files(checkpoint_files, quantizer)
             return load(model, state_dict, checkpoint_files, load_config, *args, **kwargs)
 
         load_pretrained_model._pbs2p_checks = True

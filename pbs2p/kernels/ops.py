@@ -46,10 +46,12 @@ ENV_VAR = "PBS2P_KERNEL"
 #: The scale on the right (:func:`~.reference.error_scale`) is what a kept weight ``alpha * sign + mu``
 #: contributes before the two terms cancel, so the bound holds when ``|mu|`` is close to ``alpha`` (the
 #: native path computes ``alpha * (sum of signed x) + mu * (sum of kept x)`` per scale block).
-#: float32: sums in fp32 in different orders (observed worst: about 2e-7 of the scale for K up to 8192).
-#: bfloat16: ``W_hat`` rounded once to bf16 (2^-9 relative) and the output to bf16 (2^-9).
+#: float32: sums in fp32 in different orders (observed: below 1e-7 of the scale, K up to 8192).
+#: bfloat16 (unit roundoff u = 2^-8): the output is rounded to bf16 once, and ``W_hat`` once on the torch
+#: path (computed in fp32 first); the native BLAS path (bf16 prefill) rounds ``alpha`` and ``mu`` to bf16
+#: before adding them when they are stored in another dtype: three roundings, 3u = 1.17e-2 at worst.
 #: float16 and float64 activations run the torch path (``W_hat`` computed in float32 or float64).
-TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float64: 1e-12}
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 1.2e-2, torch.float16: 1e-2, torch.float64: 1e-12}
 CHOICES = ("auto", "native", "torch", "avx512", "avx2", "scalar")
 
 

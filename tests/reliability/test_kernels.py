@@ -84,6 +84,21 @@ def test_contract_holds_where_alpha_and_mu_cancel(nm, mu_kind, dtype, scale_dtyp
         assert ratio <= 1.0, f"{path}: error {ratio:.3g} x the tolerance"
 
 
+def test_bf16_worst_case_rounding_is_within_the_contract(monkeypatch):
+    # alpha and mu (fp32) just short of bf16 half-way points, every x positive: each bf16 rounding of the
+    # paths is close to its largest (the BLAS path with fp32 scales rounds alpha, mu and W_hat, then y)
+    g = torch.Generator().manual_seed(0)
+    out, k = 4096, 8
+    codes, _, _ = weight(out, k, 2, 4, k, "small", 0)
+    near_half = 1 + 2**-8 * (1 - 1e-4 * torch.rand(out, 1, generator=g))
+    alpha = (torch.rand(out, 1, generator=g) + 1).to(torch.bfloat16).float() * near_half
+    mu = (torch.rand(out, 1, generator=g) + 1).to(torch.bfloat16).float() * near_half
+    x = (torch.rand(1, k, generator=g) + 0.5).to(torch.bfloat16)
+    for path, y in every_path(x, codes, alpha, mu, None, 2, 4, k, monkeypatch).items():
+        ratio = contract_ratio(y, x, codes, alpha, mu, None, 2, 4, k, ops.TOLERANCE[torch.bfloat16])
+        assert ratio <= 1.0, f"{path}: error {ratio:.3g} x the tolerance"
+
+
 @settings(max_examples=60, deadline=None, derandomize=True)
 @given(nm=st.sampled_from(NM), out=st.integers(1, 150), groups=st.integers(1, 40),
        batch=st.sampled_from([1, 3, 17, 70]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
@@ -147,7 +162,8 @@ def test_integer_activations_are_refused_like_a_plain_linear(dtype):
 
 
 def test_huge_weights_are_refused_not_turned_into_nan_scales():
-    weight_ = torch.randn(64, 64) * 1e37  # finite, but too large for the method's float32 arithmetic
+    # finite, but too large for the method's float32 arithmetic (the scales used to come out NaN, silently)
+    weight_ = torch.randn(64, 64, generator=torch.Generator().manual_seed(0)) * 3e37
     assert bool(torch.isfinite(weight_).all())
     with pytest.raises(ValueError, match="scales computed for this weight are not finite"):
         compress_weight(weight_, PBS2P(n=4, m=8))
