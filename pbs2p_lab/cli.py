@@ -34,10 +34,32 @@ def _nm(text: str) -> tuple[int, int]:
     return n, m
 
 
+def _count(low: int):
+    """An argparse type: an integer >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from exc
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = "positive integer" if low == 1 else "non-negative integer"
+    return parse
+
+
+_positive, _non_negative = _count(1), _count(0)
+
+
 def _limit(text: str) -> int | None:
     if text == "all":
         return None
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"a limit is a positive number or 'all', got {text!r}") from exc
     if value < 1:
         raise argparse.ArgumentTypeError("a limit is a positive number or 'all'")
     return value
@@ -77,35 +99,36 @@ def _add_compression(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("compression (PBS2P; options left unset keep the defaults)")
     g.add_argument("--nm", type=_nm, default=(4, 8), help="N:M sparsity, e.g. 4:8, 6:8, 2:4 (default 4:8)")
-    g.add_argument("--scale-block", type=int, help="columns per (alpha, mu) pair (default: one pair per row)")
-    g.add_argument("--spbo-steps", type=int, help="SPBO steps tau (default m - n; 0 = one-shot)")
-    g.add_argument("--refine-rounds", type=int, help="binarizer refinement rounds (default 3)")
+    g.add_argument("--scale-block", type=_positive, help="columns per (alpha, mu) pair (default: one pair per row)")
+    g.add_argument("--spbo-steps", type=_non_negative, help="SPBO steps tau (default m - n; 0 = one-shot)")
+    g.add_argument("--refine-rounds", type=_non_negative, help="binarizer refinement rounds (default 3)")
     g.add_argument("--compensation", choices=COMPENSATIONS, help="error compensation (default column)")
     g.add_argument("--extras", type=_extras, help=f"additions beyond the paper, comma-separated or 'none' "
                                                   f"(default {','.join(EXTRAS)})")
     g = p.add_argument_group("calibration (pbs2p.calibrate; --nsamples 0 = data-free quantize_)")
-    g.add_argument("--nsamples", type=int, default=DEFAULT_NSAMPLES,
+    g.add_argument("--nsamples", type=_non_negative, default=DEFAULT_NSAMPLES,
                    help=f"calibration segments of the calibration text (default {DEFAULT_NSAMPLES})")
-    g.add_argument("--calib-seqlen", type=int, default=2048, help="tokens per calibration segment")
+    g.add_argument("--calib-seqlen", type=_positive, default=2048, help="tokens per calibration segment")
     g.add_argument("--seed", type=int, default=0, help="seed of the calibration sampler")
     g.add_argument("--cfs", action=argparse.BooleanOptionalAction, default=True, help="CFS per-block N (default on)")
     g.add_argument("--cfs-normalize", choices=("mean", "median"), help="CFS importance normalisation")
-    g.add_argument("--n-low", type=int, help="CFS lower bound of a block's N (default n - 1)")
-    g.add_argument("--n-high", type=int, help="CFS upper bound of a block's N (default n + 1)")
+    g.add_argument("--n-low", type=_positive, help="CFS lower bound of a block's N (default n - 1)")
+    g.add_argument("--n-high", type=_positive, help="CFS upper bound of a block's N (default n + 1)")
     g.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True,
                    help="compress a block's linears in stages (default on)")
-    g.add_argument("--tune-steps", type=int, default=3, help="scale-tuning passes per block (0 = off; default 3)")
+    g.add_argument("--tune-steps", type=_non_negative, default=3,
+                   help="scale-tuning passes per block (0 = off; default 3)")
     g.add_argument("--tune-lr", type=float, help="scale-tuning learning rate (default 0.01)")
 
 
 def _add_measure(p: argparse.ArgumentParser, tasks_default: str) -> None:
     g = p.add_argument_group("measurement")
-    g.add_argument("--seqlen", type=int, default=2048, help="perplexity window (default 2048)")
+    g.add_argument("--seqlen", type=_positive, default=2048, help="perplexity window (default 2048)")
     g.add_argument("--ppl-limit", type=_limit, default=None, help="max perplexity windows, or 'all'")
     g.add_argument("--tasks", type=_tasks, default=_tasks(tasks_default),
                    help=f"comma-separated zero-shot tasks, 'default' or 'none' (default {tasks_default})")
     g.add_argument("--limit", type=_limit, default=None, help="zero-shot examples per task, or 'all'")
-    g.add_argument("--batch-size", type=int, default=8, help="zero-shot batch size")
+    g.add_argument("--batch-size", type=_positive, default=8, help="zero-shot batch size")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,13 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``pbs2p`` and ``python -m pbs2p``; returns the exit status."""
     args = build_parser().parse_args(argv)
-    from pbs2p_lab.assets import AssetError
+    from pbs2p_lab.assets import AssetError, OutputFolderError
 
     commands = {"fetch": _cmd_fetch, "compress": _cmd_compress, "eval": _cmd_eval, "run": _cmd_run,
                 "report": _cmd_report}
     try:
         return commands[args.command](args)
-    except (AssetError, CommandError) as exc:
+    except (AssetError, CommandError, OutputFolderError) as exc:
         print(f"pbs2p: error: {exc}", file=sys.stderr)
         return 2
 
@@ -159,6 +182,42 @@ def main(argv: Sequence[str] | None = None) -> int:
 # ----------------------------------------------------------------------------------------- commands
 class CommandError(RuntimeError):
     """A problem with what the user asked for, reported as one line (exit status 2)."""
+
+
+def _check_output_file(path: Path) -> Path:
+    """Refuse, before any work, a result file that could not be written at the end."""
+    import os
+
+    if path.is_dir():
+        raise CommandError(f"--out {path} is a folder; give a file name, e.g. {path / 'result.json'}")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CommandError(f"cannot create {path}: {parent} is a file, not a folder")
+    writable = os.access(path, os.W_OK) if path.exists() else os.access(parent, os.W_OK | os.X_OK)
+    if not writable:
+        raise CommandError(f"cannot write {path}: no write permission in {parent}")
+    return path
+
+
+def _read_json(path: Path, what: str) -> dict:
+    """A JSON file the command needs, or a one-line error that says which and why."""
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise CommandError(f"{what} {path} does not exist") from exc
+    except IsADirectoryError as exc:
+        raise CommandError(f"{what} {path} is a folder, not a JSON file") from exc
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CommandError(f"{what} {path} is not valid JSON (truncated or damaged?): {exc}") from exc
+    except OSError as exc:
+        raise CommandError(f"cannot read {what} {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise CommandError(f"{what} {path} holds a JSON {type(data).__name__}, not an object")
+    return data
 
 
 def _cmd_fetch(args: argparse.Namespace) -> int:
@@ -309,11 +368,12 @@ def _model_record(name: str, model) -> dict:
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:
-    from pbs2p_lab.assets import load_model, save_compressed
+    from pbs2p_lab.assets import check_output_folder, load_model, save_compressed
     from pbs2p_lab.data.split import load_split
     from pbs2p_lab.eval.results import result_header
 
     options = _pbs2p_config(args)  # refuse bad options before loading anything
+    check_output_folder(args.out)  # and an output folder that could not be written, or must not be replaced
     model, tokenizer = load_model(args.model)
     split = load_split()
     info = _compress(model, tokenizer, args, split, options)
@@ -339,11 +399,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.no_ppl and not args.tasks:
         print("pbs2p eval: nothing to do (--no-ppl and no --tasks)", file=sys.stderr)
         return 2
+    if args.out:
+        _check_output_file(args.out)
+    meta = _compressed_meta(args.model) or {}
     start = time.perf_counter()
     model, tokenizer = load_model(args.model)
     load_s = time.perf_counter() - start
     split = load_split()
-    meta = _compressed_meta(args.model) or {}
     kwargs = _measure_kwargs(args)
     kwargs["measure_ppl"] = not args.no_ppl
     known = {k: meta.get(k) for k in ("nm", "config", "bits_per_weight", "bits_per_weight_kept", "per_layer")}
@@ -359,10 +421,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _compressed_meta(model_arg: str) -> dict | None:
-    import json
-
-    path = Path(model_arg) / "pbs2p_compress.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    path = Path(model_arg).expanduser() / "pbs2p_compress.json"
+    if not path.is_file():
+        return None
+    meta = _read_json(path, "the compressed folder's record")
+    if not isinstance(meta.get("model"), dict):
+        raise CommandError(f"{path} has no 'model' record: it was not written by pbs2p compress, or was edited")
+    return meta
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -375,6 +440,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     n, m = args.nm
     out = args.out or Path("runs") / f"run_{Path(args.model).name}_{n}of{m}.json"
     options = _pbs2p_config(args)  # refuse bad options before loading anything
+    _check_output_file(out)
     start = time.perf_counter()
     model, tokenizer = load_model(args.model)
     load_s = time.perf_counter() - start
@@ -404,6 +470,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from pbs2p_lab.report import write_report
 
+    for path in args.files:
+        record = _read_json(path, "result file")
+        if not isinstance(record.get("entries"), list):
+            raise CommandError(f"result file {path} has no 'entries' list: it is not a pbs2p result JSON")
+    if args.out.exists() and not args.out.is_dir():
+        raise CommandError(f"--out {args.out} is a file; the report is a folder")
     readme = write_report(args.files, args.out)
     print(readme.read_text())
     print(f"written: {readme}")

@@ -1,14 +1,21 @@
-"""The native CPU operator ``pbs2p::bsp_linear``: JIT build of ``csrc/``, loading, ``register_fake``.
+"""The native CPU operator ``pbs2p::bsp_linear``: JIT build of ``csrc/``, a verified cache, loading, ``register_fake``.
 
 The C++ sources ship with the package and are compiled on first use (never at install time) with
 ``torch.utils.cpp_extension.load`` into ``$PBS2P_KERNEL_CACHE`` (default ``~/.cache/pbs2p/kernels``),
-in a directory keyed on the sources, the torch version and the compiler flags. Nothing is compiled
-for the build machine's CPU: the AVX-512 and AVX2 kernels are compiled with per-function target
-attributes and chosen at run time, so one cached build serves every x86-64 CPU.
+in a directory keyed on the sources, the torch version, the compiler flags and the environment. Nothing
+is compiled for the build machine's CPU: the AVX-512 and AVX2 kernels are compiled with per-function
+target attributes and chosen at run time, so one cached build serves every x86-64 CPU.
 
-The first build takes about a minute (``build_seconds()`` says how long it took). Where it fails
-(no compiler, no ninja, a non-x86 CPU) :func:`load` returns ``False`` and warns once; the callers
-then use the torch path.
+The cache is verified, never trusted: a build happens in a fresh private folder, and only a complete
+library is copied into the cache (temporary file, then rename), followed by ``build.json``, a record of
+its size and sha256. A cached library is loaded only if it matches its record; otherwise (truncated,
+replaced, an interrupted build, an older cache layout) it is rebuilt. ``dlopen`` of a damaged library
+can kill the process, so nothing unverified is ever loaded. Processes that build at the same time take
+turns on a file lock; the second one finds the first one's verified library.
+
+The first build takes about a minute (``build_seconds()`` says how long building or loading took).
+Where it fails (no compiler, no ninja, a non-x86 CPU) :func:`load` returns ``False`` and warns once;
+the callers then use the torch path.
 """
 
 from __future__ import annotations
@@ -16,9 +23,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -41,8 +51,11 @@ SOURCES = (
 HEADERS = ("kernels.h", "work_pool.h")
 CFLAGS = ("-O3", "-fno-math-errno")
 LDFLAGS: tuple[str, ...] = ()
+#: Version of the cache layout (the verified library and its record); part of the build key.
+CACHE_LAYOUT = 2
+RECORD = "build.json"
 
-_LOCK = threading.Lock()  # one build at a time within the process
+_LOCK = threading.Lock()  # one build at a time within the process (the file lock orders processes)
 
 
 def cache_dir() -> Path:
@@ -59,28 +72,122 @@ def _build_key() -> str:
     digest.update(" ".join(CFLAGS + LDFLAGS).encode())
     digest.update(torch.__version__.encode())
     digest.update(sys.prefix.encode())  # each environment its own build: ninja rebuilds when the paths change
+    digest.update(f"layout {CACHE_LAYOUT}".encode())
     return digest.hexdigest()[:16]
 
 
-def _build() -> float:
-    """Compile (or find in the cache) and load the operator's library; the seconds it took."""
+def library_path(key: str | None = None) -> Path:
+    """Where the verified library of build ``key`` (default: this installation's) lives in the cache."""
+    key = key or _build_key()
+    return cache_dir() / key / f"pbs2p_kernels_{key}.so"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verified_library(key: str | None = None) -> Path | None:
+    """The cached library of build ``key`` if it matches its ``build.json`` record, else ``None``.
+
+    Reads and hashes the file; never loads it. ``None`` for a missing, truncated or replaced library,
+    a missing or unreadable record, or a record of another build.
+
+    >>> verified_library("0" * 16) is None  # nothing was ever built under this key
+    True
+    """
+    key = key or _build_key()
+    library = library_path(key)
+    try:
+        record = json.loads((library.parent / RECORD).read_text())
+        if not isinstance(record, dict) or record.get("key") != key:
+            return None
+        if library.stat().st_size != record.get("size") or _sha256(library) != record.get("sha256"):
+            return None
+    except (OSError, ValueError):
+        return None
+    return library
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock between processes (``flock``; released by the OS if the holder dies)."""
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform: builds are still atomic, only not serialized
+        yield
+        return
+    with open(path, "a+b") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename: readers see all of it or nothing."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _compile(key: str) -> None:
+    """Build the library in a private folder, load it, then publish it to the cache with its record."""
     from torch.utils.cpp_extension import load as cpp_load
 
+    directory = library_path(key).parent
+    (directory / RECORD).unlink(missing_ok=True)  # from now on the cached library is not trusted
+    for stale in directory.glob(".build-*"):  # interrupted builds of earlier processes (we hold the lock)
+        shutil.rmtree(stale, ignore_errors=True)
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".build-") as build:
+        built = cpp_load(
+            name=f"pbs2p_kernels_{key}",
+            sources=[str(CSRC / name) for name in SOURCES],
+            extra_cflags=list(CFLAGS),
+            extra_ldflags=list(LDFLAGS),
+            build_directory=build,
+            is_python_module=False,
+            verbose=False,
+        )
+        built = Path(built) if isinstance(built, str) else Path(build) / f"pbs2p_kernels_{key}.so"
+        data = built.read_bytes()
+    library = library_path(key)
+    _write_atomically(library, data)
+    library.chmod(0o755)
+    record = {"key": key, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+              "torch": torch.__version__, "python": sys.prefix, "built": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    _write_atomically(directory / RECORD, (json.dumps(record, indent=1) + "\n").encode())
+
+
+def _build() -> float:
+    """Load the operator's library from the verified cache, building it first where needed; the seconds it took."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         raise RuntimeError(f"the native kernels are x86-64 only, this machine is {platform.machine()}")
     key = _build_key()
-    directory = cache_dir() / key
+    directory = library_path(key).parent
     directory.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    cpp_load(
-        name=f"pbs2p_kernels_{key}",
-        sources=[str(CSRC / name) for name in SOURCES],
-        extra_cflags=list(CFLAGS),
-        extra_ldflags=list(LDFLAGS),
-        build_directory=str(directory),
-        is_python_module=False,
-        verbose=False,
-    )
+    with _file_lock(directory / "build.lock"):
+        library = verified_library(key)
+        if library is None:
+            if library_path(key).exists():
+                warnings.warn(f"pbs2p: the cached native kernels {library_path(key)} do not match their build record "
+                              "(damaged, or an interrupted build); rebuilding them", RuntimeWarning, stacklevel=4)
+            _compile(key)  # builds and loads
+        else:
+            torch.ops.load_library(str(library))
     return time.perf_counter() - start
 
 

@@ -26,6 +26,7 @@ products only); below it, and for float32 activations at every batch, the lookup
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
@@ -36,13 +37,21 @@ from .reference import reference_linear
 
 ENV_VAR = "PBS2P_KERNEL"
 
-#: Accuracy contract of the native operator against :func:`reference_linear`, per activation dtype:
-#: ``|y - y_ref| <= TOLERANCE[x.dtype] * (|x| @ |W_hat|.T + |bias|)`` element-wise (``W_hat`` in fp32).
-#: float32: both sum in fp32, in different orders (the native path adds subset sums read from tables
-#: and applies alpha and mu once per scale block), so they differ by a few fp32 roundings of that
-#: scale. bfloat16: the reference rounds alpha, mu and every ``W_hat`` value to bf16 (2^-9 relative)
-#: and its output to bf16; the native path keeps ``W_hat`` exact in fp32 and rounds only the output.
-TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 1e-2}
+#: Accuracy contract of :func:`bsp_linear`, on every path (each native ISA, the bf16 BLAS path, the torch
+#: path), per activation dtype, against ``y_exact``, the product computed in float64 from the stored
+#: values (``W_hat`` from the packed codes, ``alpha`` and ``mu``; see :func:`~.reference.exact_linear`)::
+#:
+#:     |y - y_exact| <= TOLERANCE[x.dtype] * (|x| @ (kept * (|alpha| + |mu|)).T + |bias|)   element-wise
+#:
+#: The scale on the right (:func:`~.reference.error_scale`) is what a kept weight ``alpha * sign + mu``
+#: contributes before the two terms cancel, so the bound holds when ``|mu|`` is close to ``alpha`` (the
+#: native path computes ``alpha * (sum of signed x) + mu * (sum of kept x)`` per scale block).
+#: float32: sums in fp32 in different orders (observed: below 1e-7 of the scale, K up to 8192).
+#: bfloat16 (unit roundoff u = 2^-8): the output is rounded to bf16 once, and ``W_hat`` once on the torch
+#: path (computed in fp32 first); the native BLAS path (bf16 prefill) rounds ``alpha`` and ``mu`` to bf16
+#: before adding them when they are stored in another dtype: three roundings, 3u = 1.17e-2 at worst.
+#: float16 and float64 activations run the torch path (``W_hat`` computed in float32 or float64).
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 1.2e-2, torch.float16: 1e-2, torch.float64: 1e-12}
 CHOICES = ("auto", "native", "torch", "avx512", "avx2", "scalar")
 
 
@@ -99,14 +108,60 @@ def _warn_once(reason: str) -> None:
         warnings.warn(f"pbs2p: bsp_linear runs the torch path for {reason}", RuntimeWarning, stacklevel=3)
 
 
+def check_activations(x: torch.Tensor) -> None:
+    """Refuse activations that are not floating point, as ``torch.nn.functional.linear`` on a dense weight does.
+
+    >>> check_activations(torch.ones(2, 8, dtype=torch.int64))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    TypeError: a linear with a packed PBS2P weight needs floating-point activations, got torch.int64 ...
+    """
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"a linear with a packed PBS2P weight needs floating-point activations, got {x.dtype} (a "
+                        "plain nn.Linear refuses them too); convert the input first, e.g. x.float() or x.to(the "
+                        "model's dtype)")
+
+
+def propagate_nonfinite(y: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """The NaN/Inf rule of every path: a row of ``x`` holding NaN or Inf gives NaN in every output of that row,
+    a row of the weight whose ``alpha`` or ``mu`` is NaN or Inf gives NaN in its output column.
+
+    Without it the paths differ: a lookup-table kernel skips the pruned weights (so ``0 * Inf`` never
+    happens), the dense product does not, and an infinite sum may end as Inf or NaN.
+    """
+    rows = torch.isfinite(x).all(-1, keepdim=True)
+    columns = torch.isfinite(alpha).all(-1) & torch.isfinite(mu).all(-1)
+    return torch.where(rows & columns, y, float("nan"))
+
+
+def _maybe_nonfinite(y: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor, skips_pruned: bool
+                     ) -> torch.Tensor:
+    """:func:`propagate_nonfinite` where it can change something (eager: checked with one sum; compiled: always)."""
+    if torch.compiler.is_compiling():
+        return propagate_nonfinite(y, x, alpha, mu)
+    # a non-finite activation or scale makes some output non-finite, except in kernels that skip pruned
+    # weights (scalar and AVX2 lookup tables), whose outputs can all stay finite: those check x too
+    if math.isfinite(float(y.detach().sum())) and not (skips_pruned and not math.isfinite(float(x.detach().sum()))):
+        return y
+    return propagate_nonfinite(y, x, alpha, mu)
+
+
 def bsp_linear(
     x: torch.Tensor, codes: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor, bias: torch.Tensor | None,
     n: int, m: int, scale_block: int,
 ) -> torch.Tensor:
-    """``y = x @ W_hat.T + bias`` for a packed 1-bit N:M weight (see :mod:`pbs2p.kernels.packing`)."""
-    if kernel_backend() != "torch":
+    """``y = x @ W_hat.T + bias`` for a packed 1-bit N:M weight (see :mod:`pbs2p.kernels.packing`).
+
+    Within :data:`TOLERANCE` of the exact product on every path; NaN/Inf as :func:`propagate_nonfinite`
+    says; integer activations raise ``TypeError``.
+    """
+    check_activations(x)
+    backend = kernel_backend()
+    if backend != "torch":
         reason = native_unsupported(x, codes, alpha, mu, bias, m, scale_block)
         if reason is None:
-            return torch.ops.pbs2p.bsp_linear(x, codes, alpha, mu, bias, n, m, scale_block)
+            y = torch.ops.pbs2p.bsp_linear(x, codes, alpha, mu, bias, n, m, scale_block)
+            return _maybe_nonfinite(y, x, alpha, mu, backend in ("native-scalar", "native-avx2"))
         _warn_once(reason)
-    return reference_linear(x, codes, alpha, mu, bias, n, m, scale_block)
+    y = reference_linear(x, codes, alpha, mu, bias, n, m, scale_block)
+    return _maybe_nonfinite(y, x, alpha, mu, True)

@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import return_and_correct_aliasing
 from torchao.utils import TorchAOBaseTensor, fill_defaults
 
 from ..kernels import packing
-from ..kernels.ops import bsp_linear
+from ..kernels.ops import bsp_linear, kernel_backend
 
 aten = torch.ops.aten
 
@@ -56,6 +56,13 @@ class BinarySparseTensor(TorchAOBaseTensor):
         shape = (scale.shape[0], qdata.shape[1] * m)
         if transposed:
             shape = shape[::-1]
+        if torch.is_inference_mode_enabled():
+            # the wrapper is never an inference tensor: views of it (t(), detach(), a slice, what
+            # nn.Parameter makes) need a version counter, which inference tensors refuse
+            with torch.inference_mode(False):
+                return torch.Tensor._make_wrapper_subclass(
+                    cls, shape, dtype=scale.dtype, device=qdata.device, requires_grad=False
+                )
         return torch.Tensor._make_wrapper_subclass(
             cls, shape, dtype=scale.dtype, device=qdata.device, requires_grad=False
         )
@@ -105,6 +112,7 @@ class BinarySparseTensor(TorchAOBaseTensor):
         if scale_block % m:
             raise ValueError(f"scale_block = {scale_block} is not a multiple of M = {m}")
         dtype = dtype or alpha.dtype
+        check_finite_scales(alpha.to(dtype), mu.to(dtype))
         qdata = packing.pack(mask, signs, n, m)
         scale, zero_point = alpha.to(dtype).contiguous(), mu.to(dtype).contiguous()
         return cls(qdata, scale, zero_point, n, m, scale_block, packing.FORMAT_VERSION)
@@ -134,8 +142,9 @@ class BinarySparseTensor(TorchAOBaseTensor):
         return sum(t.numel() * t.element_size() for t in (self.qdata, self.scale, self.zero_point))
 
     def bits_per_weight(self) -> float:
-        """Every stored bit (signs, kept-set indices, tile padding, scales) over the number of weights."""
-        return 8 * self.packed_nbytes() / self.numel()
+        """Every stored bit (signs, kept-set indices, tile padding, scales) over the number of weights
+        (``nan`` for an empty tensor, e.g. ``w[10:5]``)."""
+        return 8 * self.packed_nbytes() / self.numel() if self.numel() else float("nan")
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight this tensor represents (zeros where pruned)."""
@@ -169,15 +178,21 @@ class BinarySparseTensor(TorchAOBaseTensor):
         return {**self.__dict__, "checksum": self.checksum}
 
     def _stable_hash_for_caching(self) -> str:
-        """Key for torch.compile's caches: everything the compiled code depends on, not the values."""
+        """Key for torch.compile's caches: everything the compiled code depends on, not the values.
+
+        That includes the compute path (:func:`~pbs2p.kernels.ops.kernel_backend`): code compiled while the
+        native operator was loaded calls it, so a process that runs the torch path (``PBS2P_KERNEL=torch``,
+        a failed build) must not reuse it from a shared ``TORCHINDUCTOR_CACHE_DIR``.
+        """
         inner = ",".join(f"{tuple(t.shape)}:{t.dtype}" for t in (self.qdata, self.scale, self.zero_point))
         layout = f"v{self.format_version}/{self.n}:{self.m}/{self.scale_block}/{self.transposed}"
-        return f"BinarySparseTensor/{layout}/{inner}"
+        return f"BinarySparseTensor/{layout}/{inner}/{kernel_backend()}"
 
     def __repr__(self) -> str:
+        bits = f"{self.bits_per_weight():.3f}" if self.numel() else "n/a (empty)"
         return (
             f"{type(self).__name__}({self.n}:{self.m}, shape={tuple(self.shape)}, dtype={self.dtype}, "
-            f"scale_block={self.scale_block}, bits_per_weight={self.bits_per_weight():.3f}"
+            f"scale_block={self.scale_block}, bits_per_weight={bits}"
             f"{', transposed' if self.transposed else ''})"
         )
 
@@ -214,6 +229,26 @@ def _check_consistent(qdata, scale, zero_point, n, m, scale_block) -> None:
         problems.append(f"scale/zero_point dtypes {scale.dtype}/{zero_point.dtype} are not one float dtype")
     if problems:
         raise ValueError("inconsistent BinarySparseTensor (tampered or truncated?): " + "; ".join(problems))
+
+
+def check_finite_scales(alpha: torch.Tensor, mu: torch.Tensor) -> None:
+    """Refuse NaN or Inf scales when packing (the weight would compute NaN wherever it is used).
+
+    >>> check_finite_scales(torch.tensor([[1.0], [float("nan")]]), torch.zeros(2, 1))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: the scales computed for this weight are not finite ...
+    """
+    if alpha.device.type == "meta" or type(alpha) is not torch.Tensor:
+        return
+    bad_alpha, bad_mu = int((~torch.isfinite(alpha)).sum()), int((~torch.isfinite(mu)).sum())
+    if bad_alpha or bad_mu:
+        raise ValueError(
+            f"the scales computed for this weight are not finite ({bad_alpha} of {alpha.numel()} alpha values and "
+            f"{bad_mu} of {mu.numel()} mu values are NaN/Inf). From a finite weight this means its values are too "
+            "large for the method's float32 arithmetic (about 1e36 and above): scale the weight down (and the "
+            "layer's output up) before compressing it"
+        )
 
 
 def content_checksum(qdata, scale, zero_point, n, m, scale_block) -> str:
@@ -303,24 +338,32 @@ def _untransposed(wt: BinarySparseTensor) -> BinarySparseTensor:
     )
 
 
-@implements([aten._to_copy.default, aten.to.dtype_layout])
+# aten.to.* are composite ops that autograd decomposes into _to_copy; in inference_mode (no autograd
+# keys) they reach this class as they are, so each overload is implemented here too.
+@implements([aten._to_copy.default, aten.to.dtype_layout, aten.to.dtype, aten.to.device, aten.to.other,
+             aten.type_as.default])
 def _(func, types, args, kwargs):
     w = args[0]
-    kwargs = w._get_to_kwargs(*args[1:], **kwargs)
-    device, dtype = kwargs["device"], kwargs["dtype"]
+    bound = {**dict(zip((a.name for a in func._schema.arguments), args, strict=False)), **kwargs}
+    other = bound.get("other")
+    device = other.device if other is not None else bound.get("device") or w.device
+    dtype = other.dtype if other is not None else bound.get("dtype") or w.dtype
     if not dtype.is_floating_point:
         raise TypeError(f"a BinarySparseTensor cannot become {dtype}; its dtype is the float dtype of its scales")
+    copy = func is aten._to_copy.default or bool(bound.get("copy"))
+    if not copy and torch.device(device) == w.device and dtype == w.dtype:
+        return w  # aten.to without a change returns the tensor itself
     out = BinarySparseTensor(
-        w.qdata.to(device),
-        w.scale.to(device=device, dtype=dtype),
-        w.zero_point.to(device=device, dtype=dtype),
+        w.qdata.to(device, copy=copy),
+        w.scale.to(device=device, dtype=dtype, copy=copy),
+        w.zero_point.to(device=device, dtype=dtype, copy=copy),
         w.n,
         w.m,
         w.scale_block,
         w.format_version,
         w.transposed,
     )
-    return return_and_correct_aliasing(func, args, {}, out)
+    return return_and_correct_aliasing(func, args, {}, out) if func is aten._to_copy.default else out
 
 
 @implements(aten.copy_.default)
@@ -359,7 +402,29 @@ def _(func, types, args, kwargs):
         out = BinarySparseTensor(codes, alpha, mu, w.n, w.m, w.scale_block, w.format_version)
     else:  # not tile-aligned: repack the rows
         mask, signs = w.unpack()
-        out = BinarySparseTensor.from_parts(
-            mask[start:end], signs[start:end], alpha, mu, n=w.n, m=w.m, scale_block=w.scale_block
-        )
+        codes = packing.pack(mask[start:end], signs[start:end], w.n, w.m)
+        out = BinarySparseTensor(codes, alpha, mu, w.n, w.m, w.scale_block, w.format_version)
     return return_and_correct_aliasing(func, args, kwargs, out)
+
+
+@implements(aten.narrow.default)
+def _(func, types, args, kwargs):
+    w, dim, start, length = args[:4]
+    return aten.slice.Tensor(w, dim, start, start + length)
+
+
+@implements(aten.matmul.default)
+def _(func, types, args, kwargs):  # x @ W.t() reaches here as it is in inference_mode (composite op)
+    x, wt = args
+    if isinstance(x, BinarySparseTensor):
+        raise NotImplementedError("BinarySparseTensor supports x @ W.t() only (the weight as right operand)")
+    return _linear(x, _untransposed(wt), None)
+
+
+@implements(aten.equal.default)
+def _(func, types, args, kwargs):
+    a, b = args[:2]
+    if not (isinstance(a, BinarySparseTensor) and isinstance(b, BinarySparseTensor)):
+        return False
+    same_layout = all(getattr(a, k) == getattr(b, k) for k in ("n", "m", "scale_block", "format_version", "transposed"))
+    return same_layout and all(torch.equal(getattr(a, t), getattr(b, t)) for t in BinarySparseTensor.tensor_data_names)

@@ -184,7 +184,7 @@ def _change_n(md):
     [
         (lambda t: t.__setitem__(f"{KEY}._weight_qdata", t[f"{KEY}._weight_qdata"][:, :3]), None, "checksum"),
         (lambda t: t.pop(f"{KEY}._weight_zero_point"), None, "TorchAoDeserialize"),
-        (_drop_all, None, "packed in the checkpoint but was not loaded"),
+        (_drop_all, None, "is not in the checkpoint"),
         (None, _bump_version, "format version"),
         (None, _change_n, "does not match its checksum"),
         (_flip_a_bit, None, "does not match its checksum"),
@@ -248,6 +248,13 @@ def test_library_hooks_are_in_place():
     assert safetensors_utils.ALLOWED_CLASSES["BinarySparseTensor"] is BinarySparseTensor
     assert "BinarySparseTensor" in safetensors_utils.ALLOWED_TENSORS_SUBCLASSES
     assert TorchAoHfQuantizer._pbs2p_verifies
+    from transformers import modeling_utils
+
+    # the loader and saver hooks: checkpoint files checked before loading, load reports after, digests written
+    assert modeling_utils.PreTrainedModel._load_pretrained_model._pbs2p_checks
+    assert modeling_utils.PreTrainedModel._finalize_model_loading._pbs2p_checks
+    assert TorchAoHfQuantizer.get_state_dict_and_metadata._pbs2p_checks
+    assert modeling_utils.safe_save_file._pbs2p_checks
     assert BinarySparseTensor.tensor_data_names == ["qdata", "scale", "zero_point"]
     from transformers.quantizers.quantizer_torchao import TorchAoHfQuantizer as Q
 
