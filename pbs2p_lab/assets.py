@@ -413,8 +413,8 @@ def save_compressed(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLik
 
     Atomic: everything is written into a new folder next to ``out_dir``, which then takes its place in
     one step (Linux: ``renameat2(RENAME_EXCHANGE)``); an interrupted save (even ``kill -9``) leaves
-    ``out_dir`` as it was, old or absent, never a mix of old and new files. Folders :func:`check_output_folder`
-    refuses are refused here too, before anything is written.
+    ``out_dir`` as it was, old or absent, never a mix of old and new files. Folders that
+    ``check_output_folder`` refuses are refused here too, before anything is written.
     """
     out = check_output_folder(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -201,8 +201,9 @@ def _check_output_file(path: Path) -> Path:
     return path
 
 
-def _read_json(path: Path, what: str) -> dict:
-    """A JSON file the command needs, or a one-line error that says which and why."""
+def _read_json(path: Path, what: str, records: bool = False) -> dict | list:
+    """A JSON file the command needs (an object; with ``records`` also a list of objects), or a one-line
+    error that says which and why."""
     import json
 
     try:
@@ -215,6 +216,8 @@ def _read_json(path: Path, what: str) -> dict:
         raise CommandError(f"{what} {path} is not valid JSON (truncated or damaged?): {exc}") from exc
     except OSError as exc:
         raise CommandError(f"cannot read {what} {path}: {exc}") from exc
+    if records and isinstance(data, list) and all(isinstance(item, dict) for item in data):
+        return data
     if not isinstance(data, dict):
         raise CommandError(f"{what} {path} holds a JSON {type(data).__name__}, not an object")
     return data
@@ -470,10 +473,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from pbs2p_lab.report import write_report
 
-    for path in args.files:
-        record = _read_json(path, "result file")
-        if not isinstance(record.get("entries"), list):
-            raise CommandError(f"result file {path} has no 'entries' list: it is not a pbs2p result JSON")
+    for path in args.files:  # every kind of result file the benchmarks write: an object or a list of records
+        _read_json(path, "result file", records=True)
     if args.out.exists() and not args.out.is_dir():
         raise CommandError(f"--out {args.out} is a file; the report is a folder")
     readme = write_report(args.files, args.out)

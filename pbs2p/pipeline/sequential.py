@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..algorithms import BinarizedWeight, HessianAccumulator, relative_output_error
+from ..checks import check_calibration_model
 from ..quantize import check_finite
 from ..tensor import BinarySparseTensor
 from .families import decoder_blocks, is_conv1d, linears_as_nn_linear
@@ -93,6 +94,7 @@ class SequentialRunner:
 
     def __init__(self, model: torch.nn.Module, calibration: torch.Tensor, batch_size: int = 4) -> None:
         check_calibration(calibration)
+        check_calibration_model(model, calibration)
         self.blocks = decoder_blocks(model)
         for i, block in enumerate(self.blocks):
             for name, mod in block.named_modules():

@@ -39,7 +39,7 @@ def on_meta() -> torch.nn.Module:
 
 #: case -> (model factory, tokens, exception type, what the message must say)
 CASES = {
-    "already-quantized": (quantized, TOKENS, ValueError, "already holds 15 packed PBS2P weight"),
+    "already-quantized": (quantized, TOKENS, ValueError, "already holds 14 packed PBS2P weight"),
     "partly-quantized": (partly_quantized, TOKENS, ValueError, "model.layers.0.self_attn.q_proj.weight"),
     "meta-model": (on_meta, TOKENS, ValueError, "on the meta device"),
     "token-id-too-large": (tiny_llama, TOKENS + 250, ValueError, "outside the model's vocabulary"),

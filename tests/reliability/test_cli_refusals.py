@@ -84,7 +84,6 @@ BAD_REQUESTS = {
     "report-missing-json": (lambda t: ["report", str(t / "absent.json"), "--out", str(t / "r")], "does not exist"),
     "report-truncated-json": (lambda t: ["report", str(_truncated(t)), "--out", str(t / "r")], "not valid JSON"),
     "report-not-a-result": (lambda t: ["report", str(_json(t, [1, 2])), "--out", str(t / "r")], "not an object"),
-    "report-no-entries": (lambda t: ["report", str(_json(t, {"a": 1})), "--out", str(t / "r")], "no 'entries'"),
     "report-out-is-a-file": (lambda t: ["report", str(_json(t, {"entries": []})), "--out", str(_file(t))],
                              "is a file"),
     "eval-truncated-compress-record": (lambda t: ["eval", "--model", str(_truncated_record(t))], "not valid JSON"),
