@@ -115,7 +115,10 @@ def tune_block_scales(runner, i: int, linears: dict[str, tuple], targets, tuning
     block, inputs, calls, ranks = runner.block(i), runner.hidden, runner.calls[i], runner.ranks
     untuned = runner.run_block(i, inputs)
     before = _mse(runner, untuned, targets)
-    params = {name: _Tunable(lin, compressed) for name, (lin, compressed) in linears.items()}
+    params = {}
+    for name, (lin, compressed) in linears.items():
+        params[name] = _Tunable(lin, compressed.expanded())
+        compressed.compact()
     frozen = [p for p in block.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)

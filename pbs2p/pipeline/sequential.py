@@ -46,16 +46,33 @@ __all__ = ["BlockRecord", "Compressed", "LinearCompressor", "SequentialRunner", 
 class Compressed:
     """What a compressor made of one linear: the ``weight`` to store (packed or dense), the float32
     ``dense`` weight it represents and, for scale tuning, the ``keep`` mask of its nonzero weights and the
-    ``block`` of columns that share a gain and an offset (its scale block)."""
+    ``block`` of columns that share a gain and an offset (its scale block).
+
+    Made :meth:`from_parts`, it also keeps the method's ``parts`` (masks, signs, scales), from which
+    :meth:`expanded` recomputes ``dense`` after :meth:`compact` dropped it (4 bytes a weight) between
+    the time its error is measured and the time its scales are tuned.
+    """
 
     weight: torch.Tensor
-    dense: torch.Tensor
+    dense: torch.Tensor | None
     keep: torch.Tensor
     block: int
+    parts: BinarizedWeight | None = None
 
     @classmethod
     def from_parts(cls, weight: BinarySparseTensor, parts: BinarizedWeight) -> Compressed:
-        return cls(weight, parts.dequantize(), parts.mask, parts.scale_block)
+        return cls(weight, parts.dequantize(), parts.mask, parts.scale_block, parts)
+
+    def compact(self) -> None:
+        """Drop ``dense`` if it can be recomputed from ``parts``."""
+        if self.parts is not None:
+            self.dense = None
+
+    def expanded(self) -> Compressed:
+        """This, with ``dense`` recomputed if :meth:`compact` dropped it (the same values)."""
+        if self.dense is None:
+            self.dense = self.parts.dequantize()
+        return self
 
 
 # (block index, linear name inside the block, the linear, its input Hessian) -> the new weight: a plain
@@ -113,6 +130,7 @@ class SequentialRunner:
         self.model, self.blocks, self.device = self.source.model, self.source.blocks, self.source.device
         self._replaced: list = []
         self._originals: dict[torch.nn.Linear, torch.nn.Parameter] = {}
+        self._new: set[torch.nn.Module] = set()  # linears of open blocks given a new weight
         self._open: dict[int, torch.nn.Module] = {}
         self._stage_cache: dict[tuple, list[list[str]]] = {}
         self.hidden: Activations | None = None
@@ -162,10 +180,12 @@ class SequentialRunner:
         if done and not own:  # a copy on the compute device: its new weights go into the model's block
             home = self.source.input_device
             for name, mod in work.named_modules():
-                if mod in self._originals:
+                if mod in self._new:
                     self.set_weight(self.blocks[i].get_submodule(name), mod.weight.detach().to(home))
-        if not own or not self.source.restores_in_place:
-            for mod in work.modules():
+        self._new.difference_update(self.blocks[i].modules())
+        for mod in work.modules():
+            self._new.discard(mod)
+            if not own or not self.source.restores_in_place:
                 self._originals.pop(mod, None)
         self.source.close(i, work, done)
 
@@ -287,13 +307,10 @@ class SequentialRunner:
         return {name: acc[owner[name]].hessian() for name in linears}
 
     # ------------------------------------------------------------------ weights
-    def _set_weights(self, i: int, weights: dict[str, torch.nn.Parameter]) -> None:
-        for name, weight in weights.items():
-            self.set_weight(self.block(i).get_submodule(name), weight)
-
     def set_weight(self, linear: torch.nn.Linear, weight: torch.Tensor) -> None:
         """Replace ``linear``'s weight, remembering the original for :meth:`restore`."""
         self._originals.setdefault(linear, linear.weight)
+        self._new.add(linear)
         linear.weight = weight if isinstance(weight, torch.nn.Parameter) else torch.nn.Parameter(weight, False)
 
     def restore(self) -> None:
@@ -303,6 +320,7 @@ class SequentialRunner:
         for parent, name, module in reversed(self._replaced):
             setattr(parent, name, module)
         self._originals.clear()
+        self._new.clear()
         self._replaced.clear()
         self._open.clear()
         self.source.discard()
@@ -350,6 +368,9 @@ class SequentialRunner:
             block = self.open(i)
             linears = {name: block.get_submodule(name) for name in targets[i]}
             originals = {name: lin.weight for name, lin in linears.items()}
+            # what a block of this source keeps of its original weights only until each is compressed
+            transient = block is not self.blocks[i] or not self.source.restores_in_place
+            target = self.run_block(i, self.hidden) if tuning is not None and linears else None  # uncompressed
             errors, parts = {}, {}
             order = self.stages(i, linears) if linears else []
             for stage in (order if true_sequential else [[name for group in order for name in group]]) if order else []:
@@ -365,19 +386,21 @@ class SequentialRunner:
                         result = Compressed(result, result.float(), result != 0, result.shape[1])
                     errors[name] = relative_output_error(originals[name].detach().float(), result.dense, H)
                     self.set_weight(lin, result.weight)
+                    result.compact()
+                    if transient:
+                        del originals[name]
+                        self._originals.pop(lin, None)
+                del hessians, results
             tune = None
-            if tuning is not None and parts:  # compressors that return a Compressed are tuned
-                current = {name: lin.weight for name, lin in linears.items()}
-                self._set_weights(i, originals)
-                target = self.run_block(i, self.hidden)
-                self._set_weights(i, current)
+            if target is not None and parts:  # compressors that return a Compressed are tuned
                 tuned = {n: (linears[n], p) for n, p in parts.items()}
                 tune, outputs = tune_block_scales(self, i, tuned, target, tuning)
-                target.release()
                 self._set_hidden(outputs)
             else:
                 self._set_hidden(self.run_block(i, self.hidden))
-            del originals, parts, linears, block
+            if target is not None:
+                target.release()
+            del originals, parts, linears, block, target
             self.close(i, done=True)
             records.append(BlockRecord(i, None if ns is None else ns[i], None if cosines is None else cosines[i],
                                        errors, time.perf_counter() - t0, tune))
@@ -401,9 +424,11 @@ def _flatten(result) -> tuple[tuple, list[torch.Tensor]]:
     if not isinstance(result, Compressed):
         return ("dense",), [result.detach()]
     w = result.weight
-    if isinstance(w, BinarySparseTensor):
-        layout = ("packed", w.n, w.m, w.scale_block, result.block)
-        return layout, [w.qdata, w.scale, w.zero_point, result.dense, result.keep]
+    if isinstance(w, BinarySparseTensor) and result.parts is not None:
+        p = result.parts
+        layout = ("packed", w.n, w.m, w.scale_block, p.scale_block)
+        return layout, [w.qdata, w.scale, w.zero_point, p.mask, p.signs, p.alpha, p.mu]
+    result.expanded()
     return ("compressed", result.block), [w.detach(), result.dense, result.keep]
 
 
@@ -412,7 +437,7 @@ def _unflatten(layout: tuple, tensors: list[torch.Tensor]):
         return tensors[0]
     if layout[0] == "compressed":
         return Compressed(tensors[0], tensors[1], tensors[2], layout[1])
-    _, n, m, scale_block, block = layout
-    qdata, scale, zero_point, dense, keep = tensors
-    return Compressed(BinarySparseTensor(qdata, scale, zero_point, n, m, scale_block, FORMAT_VERSION), dense, keep,
-                      block)
+    _, n, m, scale_block, parts_block = layout
+    qdata, scale, zero_point, mask, signs, alpha, mu = tensors
+    weight = BinarySparseTensor(qdata, scale, zero_point, n, m, scale_block, FORMAT_VERSION)
+    return Compressed.from_parts(weight, BinarizedWeight(mask, signs, alpha, mu, parts_block))
