@@ -1,6 +1,6 @@
 """Peak memory and time of ``calibrate`` with sequential onloading against the whole model in memory.
 
-    python benchmarks/onload_memory.py sweep                 # depth sweep: 2, 4, 8, 16 blocks of a smaller shape
+    python benchmarks/onload_memory.py sweep --spbo-steps 0  # depth sweep: 2, 4, 8, 16 blocks of a smaller shape
     python benchmarks/onload_memory.py llama7b --blocks 4    # LLaMA-2-7B-shaped blocks from an on-disk bf16 checkpoint
 
 Every measurement runs in a fresh subprocess (``run``) and reports that process's peak resident set size
@@ -8,10 +8,14 @@ Every measurement runs in a fresh subprocess (``run``) and reports that process'
 LLaMA weights written as bf16 safetensors, one shard per block (``build``), in ``--workdir`` (deleted
 afterwards unless ``--keep``). Two paths are measured on the same checkpoint and calibration tokens:
 
-* ``onload``: ``calibrate(pbs2p.Checkpoint(folder, out, dtype=bfloat16), ...)`` — one block in memory at a
+* ``onload``: ``calibrate(pbs2p.Checkpoint(folder, out, dtype=dtype), ...)`` — one block in memory at a
   time, the packed model written to ``out``;
-* ``memory``: ``from_pretrained(folder, dtype=bfloat16)`` then ``calibrate(model, ...)`` — the whole model
+* ``memory``: ``from_pretrained(folder, dtype=dtype)`` then ``calibrate(model, ...)`` — the whole model
   in memory (the path that existed before onloading).
+
+``--dtype`` is the compute dtype of both (``sweep``: float32, the whole model in fp32 as before onloading
+existed; ``llama7b``: bfloat16). The sweep measures memory against depth: ``--spbo-steps 0`` (one-shot)
+makes each block cheaper to compute without changing what is held per block.
 
 ``llama7b`` also reloads the written folder with ``from_pretrained`` (in its own process) and compares its
 logits with the in-memory result's, and projects the time of 32 blocks from the measured seconds per block.
@@ -99,15 +103,17 @@ def measure(args: argparse.Namespace) -> dict:
 
     vocab = AutoConfig.from_pretrained(args.checkpoint).vocab_size
     tokens = calibration(vocab, args.samples, args.seqlen)
+    dtype = getattr(torch, args.dtype)
+    config = pbs2p.PBS2P(n=4, m=8, spbo_steps=args.spbo_steps)
     start = time.perf_counter()
     record: dict = {"path": args.path}
     if args.path == "onload":
-        result = pbs2p.calibrate(pbs2p.Checkpoint(args.checkpoint, args.out, dtype=torch.bfloat16), tokens,
-                                 pbs2p.PBS2P(n=4, m=8), progress=False)
+        result = pbs2p.calibrate(pbs2p.Checkpoint(args.checkpoint, args.out, dtype=dtype), tokens, config,
+                                 progress=False)
     elif args.path == "memory":
-        model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.bfloat16).eval()
+        model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=dtype).eval()
         record["load_s"] = time.perf_counter() - start
-        result = pbs2p.calibrate(model, tokens, pbs2p.PBS2P(n=4, m=8), progress=False)
+        result = pbs2p.calibrate(model, tokens, config, progress=False)
     else:  # "reload": the written folder, for its logits only
         model = AutoModelForCausalLM.from_pretrained(args.checkpoint).eval()
         result = None
@@ -130,7 +136,9 @@ def run(checkpoint: Path, path: str, args: argparse.Namespace, out: Path | None 
         logits: Path | None = None) -> dict:
     """:func:`measure` in a fresh subprocess."""
     cmd = [sys.executable, __file__, "run", "--checkpoint", str(checkpoint), "--path", path,
-           "--samples", str(args.samples), "--seqlen", str(args.seqlen), "--threads", str(args.threads)]
+           "--samples", str(args.samples), "--seqlen", str(args.seqlen), "--threads", str(args.threads),
+           "--dtype", args.dtype]
+    cmd += ["--spbo-steps", str(args.spbo_steps)] if args.spbo_steps is not None else []
     cmd += ["--out", str(out)] if out else []
     cmd += ["--logits", str(logits)] if logits else []
     before = os.getloadavg()[0]
@@ -148,7 +156,8 @@ def header(args: argparse.Namespace) -> dict:
 
     return {"command": "python benchmarks/onload_memory.py " + " ".join(sys.argv[1:]),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "threads": args.threads, "cpu_count": os.cpu_count(),
-            "calibration": f"{args.samples}x{args.seqlen} random token ids", "config": "PBS2P(n=4, m=8), defaults",
+            "calibration": f"{args.samples}x{args.seqlen} random token ids", "compute_dtype": args.dtype,
+            "config": f"PBS2P(n=4, m=8, spbo_steps={args.spbo_steps}), calibrate defaults (CFS, 3 tuning passes)",
             "versions": package_versions()}
 
 
@@ -173,8 +182,9 @@ def sweep(args: argparse.Namespace) -> int:
     record = {**header(args), "shape": {"hidden": hidden, "ffn": ffn, "heads": heads}, "rows": rows}
     peaks = [r["onload"]["peak_rss_bytes"] for r in rows]
     record["onload_peak_spread"] = (max(peaks) - min(peaks)) / min(peaks)
-    lines = [f"# Peak RSS of calibrate against depth (hidden {hidden}, FFN {ffn}, bf16 checkpoint, "
-             f"{args.samples}x{args.seqlen} calibration, {args.threads} threads)", "",
+    lines = [f"# Peak RSS of calibrate against depth (hidden {hidden}, FFN {ffn}, bf16 checkpoint computed in "
+             f"{args.dtype}, {args.samples}x{args.seqlen} calibration, {record['config']}, {args.threads} threads)",
+             "",
              "| blocks | onload peak RSS (GiB) | in-memory peak RSS (GiB) | onload s/block | in-memory s/block |",
              "|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -205,8 +215,9 @@ def llama7b(args: argparse.Namespace) -> int:
         b = torch.load(args.workdir / "memory.pt")
         record["logits_equal"] = bool(torch.equal(a, b))
         record["logits_max_abs_diff"] = float((a.float() - b.float()).abs().max())
-    lines = [f"# LLaMA-2-7B-shaped blocks from an on-disk bf16 checkpoint ({args.blocks} blocks, "
-             f"{args.samples}x{args.seqlen} calibration, {args.threads} threads)", "",
+    lines = [f"# LLaMA-2-7B-shaped blocks from an on-disk bf16 checkpoint ({args.blocks} blocks computed in "
+             f"{args.dtype}, {args.samples}x{args.seqlen} calibration, {record['config']}, {args.threads} threads)",
+             "",
              f"- onload peak RSS: {gib(onload['peak_rss_bytes'])} GiB; seconds per block: "
              f"{', '.join(f'{s:.0f}' for s in onload['block_s'])} (mean {per_block:.0f} s)",
              f"- projected time of 32 blocks: {32 * per_block / 3600:.2f} h (32 x mean seconds per block; "
@@ -238,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--samples", type=int, default=4)
         p.add_argument("--seqlen", type=int, default=256)
         p.add_argument("--threads", type=int, default=2)
+        p.add_argument("--dtype", default="bfloat16" if name == "llama7b" else "float32",
+                       choices=("float32", "bfloat16"), help="compute dtype of both paths")
+        p.add_argument("--spbo-steps", type=int, default=None, help="PBS2P.spbo_steps (default: the method's)")
         if name != "run":
             p.add_argument("--workdir", type=Path, default=None, help="where checkpoints are built (default: tmp)")
             p.add_argument("--keep", action="store_true", help="keep the built checkpoints")
