@@ -11,7 +11,7 @@
 
 from . import interop
 from .config import PBS2P
-from .pipeline import CFS, CalibrationResult, ScaleTuning, calibrate
+from .pipeline import CFS, CalibrationResult, Checkpoint, ScaleTuning, calibrate
 from .quantize import ConversionReport, compress_weight, conversion_report, quantize_
 from .tensor import BinarySparseTensor
 
@@ -24,6 +24,7 @@ __all__ = [
     "PBS2P",
     "BinarySparseTensor",
     "CalibrationResult",
+    "Checkpoint",
     "ConversionReport",
     "ScaleTuning",
     "calibrate",

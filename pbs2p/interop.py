@@ -184,9 +184,10 @@ def _is_pbs2p(quantizer) -> bool:  # noqa: ANN001
     return isinstance(getattr(getattr(quantizer, "quantization_config", None), "quant_type", None), PBS2P)
 
 
-def metadata_problems(metadata: dict[str, str], name: str) -> list[str]:
+def metadata_problems(metadata: dict[str, str], name: str, stored: Iterable[str] | None = None) -> list[str]:
     """What is wrong with the structure of a file's torchao metadata (empty if nothing): ``tensor_names`` must
-    be a JSON list of names, each with a JSON entry that says its ``_type``.
+    be a JSON list of names, each with a JSON entry that says its ``_type`` (with ``stored``, the tensors the
+    file holds, only the names stored in this file need one: a shard written block by block describes its own).
 
     >>> metadata_problems({"tensor_names": '["a.weight", ["x"]]', "a.weight": '{"_type": "Tensor"}'}, "f")
     ["f: the metadata's tensor_names lists ['x'], not a tensor name"]
@@ -198,9 +199,14 @@ def metadata_problems(metadata: dict[str, str], name: str) -> list[str]:
     if not isinstance(names, list):
         return [f"{name}: the metadata's tensor_names is not a JSON list"]
     problems = []
+    held = None if stored is None else set(stored)
     for key in names:
         if not isinstance(key, str):
             problems.append(f"{name}: the metadata's tensor_names lists {key!r}, not a tensor name")
+            continue
+        module, _, attr = key.rpartition(".")
+        if held is not None and key not in metadata and key not in held and not any(
+                h.startswith(f"{module}._{attr}_") for h in held):
             continue
         try:
             entry = json.loads(metadata.get(key) or "null")
@@ -269,7 +275,7 @@ def check_checkpoint_files(checkpoint_files: Iterable[str] | None, quantizer) ->
         described |= bool(entries)
         # without metadata too: torchao's flattened names of a packed weight ("<module>._weight_qdata")
         entries += [name.replace("._weight_qdata", ".weight") for name in names if name.endswith("._weight_qdata")]
-        found += [f"{name} (in {os.path.basename(path)})" for name in dict.fromkeys(entries)]
+        found += [f"{name} (in {os.path.basename(path)})" for name in sorted(set(entries))]
     if _is_pbs2p(quantizer):
         if not files or not getattr(quantizer, "pre_quantized", False):
             return
@@ -288,7 +294,7 @@ def check_checkpoint_files(checkpoint_files: Iterable[str] | None, quantizer) ->
         problems = []
         for path in files:
             header = read_safetensors_metadata(path)
-            problems += metadata_problems(header[0], os.path.basename(path)) if header else []
+            problems += metadata_problems(header[0], os.path.basename(path), header[1]) if header else []
             problems += verify_tensor_checksums(path)
         _refuse(problems, "Use the files that save_pretrained wrote")
         return

@@ -83,6 +83,50 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+
+def _dtype(text: str) -> str:
+    if text.lower() not in DTYPES:
+        raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; known: float32, bfloat16, float16 "
+                                         "(or fp32, bf16, fp16)")
+    return DTYPES[text.lower()]
+
+
+def _add_placement(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("where it runs")
+    g.add_argument("--device", default="cpu",
+                   help="compute device: cpu, cuda, cuda:1, mps, ... (default cpu); `compress` keeps the model "
+                        "on the CPU and moves one block at a time there, `run` and `eval` move the model")
+    g.add_argument("--dtype", type=_dtype, default="float32",
+                   help="dtype of the model and its compute: float32, bfloat16, float16 (fp16 needs an "
+                        "accelerator; default float32)")
+
+
+def _placement(args: argparse.Namespace):
+    """``(torch.device, torch.dtype)`` of ``--device``/``--dtype``, refused here if this machine lacks them."""
+    import torch
+
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        raise CommandError(f"--device {args.device!r} is not a device name (cpu, cuda, cuda:1, mps, ...)") from exc
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(device.type, True):
+        raise CommandError(f"--device {args.device}: this torch sees no {device.type} device; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CommandError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    dtype = getattr(torch, args.dtype)
+    if dtype == torch.float16 and device.type == "cpu":
+        raise CommandError("--dtype float16 needs an accelerator (--device cuda or mps); on the CPU use bfloat16")
+    return device, dtype
+
+
+def _fp_label(args: argparse.Namespace) -> str:
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[args.dtype]
+
+
 def _extras(text: str) -> tuple[str, ...]:
     from pbs2p.algorithms import EXTRAS
 
@@ -143,17 +187,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compress", help="compress a model's decoder linears and save it")
     _add_model(p)
+    _add_placement(p)
     _add_compression(p)
     p.add_argument("--out", required=True, type=Path, help="output folder (reload it with --model OUT)")
 
     p = sub.add_parser("eval", help="held-out perplexity and/or zero-shot tasks of a model")
     _add_model(p)
+    _add_placement(p)
     _add_measure(p, tasks_default="none")
     p.add_argument("--no-ppl", action="store_true", help="skip perplexity")
     p.add_argument("--out", type=Path, help="result JSON to write")
 
     p = sub.add_parser("run", help="FP vs PBS2P on SmolLM2: perplexity, bits/weight, size, time")
     _add_model(p)
+    _add_placement(p)
     _add_compression(p)
     _add_measure(p, tasks_default="none")
     p.set_defaults(ppl_limit=40)
@@ -314,7 +361,8 @@ def _compress(model, tokenizer, args: argparse.Namespace, split, options) -> dic
 
         tokens = calibration_tokens(tokenizer, args.nsamples, args.calib_seqlen, args.seed, split)
         calibration = describe_calibration(args.nsamples, args.calib_seqlen, args.seed, split)
-        result = calibrate(model, tokens, config, progress=not args.no_progress, **calibrate_options)
+        result = calibrate(model, tokens, config, progress=not args.no_progress, device=args.device,
+                           **calibrate_options)
         for block in result.blocks:
             for name, err in block.errors.items():
                 output_errors[f"{prefix}{block.index}.{name}"] = float(err)
@@ -353,6 +401,8 @@ def _compress(model, tokenizer, args: argparse.Namespace, split, options) -> dic
         "calibration": calibration,
         "compressed_linears": len(report.converted),
         "skipped_linears": [list(s) for s in report.skipped],
+        "device": args.device,
+        "dtype": args.dtype,
         "wall_s": wall,
     }
 
@@ -377,7 +427,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
 
     options = _pbs2p_config(args)  # refuse bad options before loading anything
     check_output_folder(args.out)  # and an output folder that could not be written, or must not be replaced
-    model, tokenizer = load_model(args.model)
+    _, dtype = _placement(args)
+    model, tokenizer = load_model(args.model, dtype=dtype)  # stays on the CPU: calibrate moves blocks to --device
     split = load_split()
     info = _compress(model, tokenizer, args, split, options)
     meta = {**result_header(), "model": _model_record(args.model, model), "split": split.describe(), **info}
@@ -405,14 +456,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.out:
         _check_output_file(args.out)
     meta = _compressed_meta(args.model) or {}
+    device, dtype = _placement(args)
     start = time.perf_counter()
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, dtype=dtype)
+    model.to(device)
     load_s = time.perf_counter() - start
     split = load_split()
     kwargs = _measure_kwargs(args)
     kwargs["measure_ppl"] = not args.no_ppl
     known = {k: meta.get(k) for k in ("nm", "config", "bits_per_weight", "bits_per_weight_kept", "per_layer")}
-    entry = measure_entry(model, tokenizer, label=meta.get("label", "fp32"), method=meta.get("method", "fp"),
+    entry = measure_entry(model, tokenizer, label=meta.get("label", _fp_label(args)), method=meta.get("method", "fp"),
                           split=split, wall_s={"load": load_s}, **known, **kwargs)
     model_record = {**meta["model"], "compressed_folder": args.model} if meta else _model_record(args.model, model)
     record = {**result_header(), "model": model_record, "split": split.describe(),
@@ -444,14 +497,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / f"run_{Path(args.model).name}_{n}of{m}.json"
     options = _pbs2p_config(args)  # refuse bad options before loading anything
     _check_output_file(out)
+    device, dtype = _placement(args)
     start = time.perf_counter()
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, dtype=dtype)
+    model.to(device)
     load_s = time.perf_counter() - start
     split = load_split()
     kwargs = _measure_kwargs(args)
     windows = args.ppl_limit or "all"
     print(f"[1/3] FP perplexity on held-out text ({windows} windows of {args.seqlen})", file=sys.stderr)
-    fp = measure_entry(model, tokenizer, label="fp32", method="fp", split=split,
+    fp = measure_entry(model, tokenizer, label=_fp_label(args), method="fp", split=split,
                        wall_s={"load": load_s}, **kwargs)
     print(f"[2/3] compressing the decoder linears with PBS2P {n}:{m}", file=sys.stderr)
     info = _compress(model, tokenizer, args, split, options)

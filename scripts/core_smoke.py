@@ -11,7 +11,7 @@ import importlib.util
 import sys
 import tempfile
 
-LAB = ("lm_eval", "matplotlib", "gguf", "mwparserfromhell", "accelerate")  # pyyaml comes with transformers
+LAB = ("lm_eval", "matplotlib", "gguf", "mwparserfromhell")  # pyyaml comes with transformers
 
 
 def main() -> int:
@@ -48,6 +48,11 @@ def main() -> int:
         assert isinstance(reloaded.model.layers[0].mlp.down_proj.weight, pbs2p.BinarySparseTensor)
         assert torch.equal(reloaded(ids).logits, expected)
     print("save_pretrained/from_pretrained: logits identical")
+    with torch.no_grad(), tempfile.TemporaryDirectory() as folder:
+        tiny().save_pretrained(f"{folder}/src")
+        pbs2p.calibrate(pbs2p.Checkpoint(f"{folder}/src", f"{folder}/out"), ids, pbs2p.PBS2P(n=4, m=8), progress=False)
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(f"{folder}/out")(ids).logits, expected)
+    print("calibrate(Checkpoint): the folder written block by block reloads with the same logits")
     print("core install: ok")
     return 0
 

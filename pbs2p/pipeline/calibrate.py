@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -12,6 +13,7 @@ from ..algorithms import allocate_n
 from ..config import PBS2P
 from ..interop import mark_hf_quantized
 from ..quantize import HEAD, ConversionReport, compress_parts, conversion_report, skip_reason, to_tensor
+from .checkpoint import Checkpoint
 from .scale_tuning import ScaleTuning
 from .sequential import BlockRecord, Compressed, SequentialRunner
 
@@ -62,7 +64,8 @@ class CFS:
 
 @dataclass
 class CalibrationResult:
-    """What :func:`calibrate` did: the conversion report, one :class:`BlockRecord` per block, the time.
+    """What :func:`calibrate` did: the conversion report, one :class:`BlockRecord` per block, the time, and
+    for a :class:`~pbs2p.Checkpoint` the folder written (its report's weights are shape-only meta tensors).
 
     Example:
         >>> import torch
@@ -82,17 +85,25 @@ class CalibrationResult:
     blocks: list[BlockRecord] = field(default_factory=list)
     seconds: float = 0.0
     tokens: int = 0
+    folder: Path | None = None
 
 
 def eligible_linears(block: torch.nn.Module, config: PBS2P) -> dict[str, torch.nn.Linear]:
-    """The linears of ``block`` that ``config`` can convert, by name inside the block."""
+    """The linears of ``block`` that ``config`` can convert, by name inside the block (a block on the meta
+    device, still on disk, is judged by everything but its values)."""
     return {name: mod for name, mod in block.named_modules()
-            if isinstance(mod, torch.nn.Linear) and skip_reason(mod, config) is None}
+            if isinstance(mod, torch.nn.Linear) and _convertible(mod, config)}
+
+
+def _convertible(linear: torch.nn.Linear, config: PBS2P) -> bool:
+    reason = skip_reason(linear, config)
+    # skip_reason checks the meta device last: a meta weight with that reason passed every other check
+    return reason is None or (linear.weight.device.type == "meta" and reason.startswith("weight is on the meta"))
 
 
 @torch.no_grad()
 def calibrate(
-    model: torch.nn.Module,
+    model: torch.nn.Module | Checkpoint,
     calibration: torch.Tensor,
     config: PBS2P | None = None,
     *,
@@ -101,11 +112,14 @@ def calibrate(
     tuning: ScaleTuning | None = ScaleTuning(),
     batch_size: int = 4,
     progress: bool = True,
+    device: torch.device | str | None = None,
+    group=None,
 ) -> CalibrationResult:
     """Compress every linear of ``model``'s decoder blocks with PBS²P on ``calibration`` tokens.
 
     Args:
-        model: a transformers causal LM (LLaMA, Qwen2, Gemma3, OPT, GPT-2, ... families).
+        model: a transformers causal LM (LLaMA, Qwen2, Gemma3, OPT, GPT-2, ... families), or a
+            :class:`~pbs2p.Checkpoint`: a model folder read one block at a time and written to another.
         calibration: ``LongTensor [nsamples, seqlen]`` of token ids.
         config: the weight format and per-weight method (default ``PBS2P()``); ``config.n`` is the
             target N (per block with ``cfs``).
@@ -118,10 +132,23 @@ def calibrate(
         tuning: :class:`ScaleTuning` of each block's scales on its output (beyond the paper), or ``None``.
         batch_size: samples per forward call.
         progress: show a progress bar.
+        device: the compute device (default: the model's; a checkpoint's: the CPU). An in-memory
+            model elsewhere stays where it is: each block is copied to ``device`` to be compressed and
+            gets its packed weights back on the model's device.
+        group: a ``torch.distributed`` process group (e.g. ``torch.distributed.group.WORLD``) whose
+            ranks split the calibration batches and all-reduce the Hessians (``pbs2p.pipeline.ranks``);
+            every rank gets the same compressed model. ``None``: this process alone.
 
     Embeddings, the final norm and the LM head stay in full precision. The model is changed in
     place, and only if the whole run succeeds: refusals (empty calibration, NaN/Inf weights) happen
     before anything is changed, and any failure (or interruption) puts every original weight back.
+    A :class:`~pbs2p.Checkpoint` is only read; its output folder appears only when the run succeeds.
+
+    Memory: an in-memory model is held whole, as given. A checkpoint holds one block at a time (in the
+    checkpoint's dtype or ``Checkpoint.dtype``, on ``device``), plus the embeddings while the inputs are
+    captured, and the activations of the calibration batches (offloaded to the CPU or to disk when
+    they do not fit on the device). Hessians are accumulated in float64 (float32 products) whatever
+    the model's dtype.
 
     Example:
         >>> import torch
@@ -144,7 +171,9 @@ def calibrate(
             raise TypeError(f"calibrate's {name} must be a {kind.__name__} or None, got {value!r}")
     bounds = cfs.bounds(config.n, config.m) if cfs is not None else None
     start = time.perf_counter()
-    runner = SequentialRunner(model, calibration, batch_size)
+    model_arg = model
+    runner = SequentialRunner(model, calibration, batch_size, device=device, group=group)
+    model = runner.model
     try:
         targets = [eligible_linears(block, config) for block in runner.blocks]
         if not any(targets):
@@ -158,6 +187,9 @@ def calibrate(
 
         records = runner.compress(targets, compress, ns=ns, cosines=cosines, progress=progress,
                                   desc="PBS²P blocks", true_sequential=true_sequential, tuning=tuning)
+        if isinstance(model_arg, Checkpoint):  # its config.json is written now
+            mark_hf_quantized(model, config)
+        runner.finish()
     except BaseException:
         runner.restore()
         raise
@@ -166,9 +198,11 @@ def calibrate(
                  {k: round(v, 4) for k, v in record.errors.items()})
     report = conversion_report(model, config)
     outside = "outside the decoder blocks (kept in full precision)"
-    report.skipped = [(name, outside if why in ("not converted", HEAD) else why) for name, why in report.skipped]
+    report.skipped = [(name, outside if why in ("not converted", HEAD) or why.startswith("weight is on the meta")
+                       else why) for name, why in report.skipped]
     mark_hf_quantized(model, config)
-    return CalibrationResult(report, records, time.perf_counter() - start, calibration.numel())
+    folder = Path(model_arg.out) if isinstance(model_arg, Checkpoint) else None
+    return CalibrationResult(report, records, time.perf_counter() - start, calibration.numel(), folder)
 
 
 def _allocate(config: PBS2P, cfs: CFS | None, bounds: tuple[int, int] | None,

@@ -103,23 +103,27 @@ class _Tunable:
                                   w.scale_block, FORMAT_VERSION)
 
 
-def tune_block_scales(runner, i: int, linears: dict[str, tuple], targets: list[torch.Tensor],
-                      tuning: ScaleTuning) -> tuple[dict, list[torch.Tensor]]:
+def tune_block_scales(runner, i: int, linears: dict[str, tuple], targets, tuning: ScaleTuning) -> tuple[dict, object]:
     """Tune the scales of ``linears`` of block ``i`` of ``runner`` (a ``SequentialRunner``).
 
     ``linears`` maps names to ``(linear, Compressed)`` (what the linear holds and represents); ``targets[b]`` is the
-    output block ``i`` should give for batch ``b``. Returns what happened (block errors before and after,
-    first and last pass losses, whether the tuned scales were kept) and the block's outputs with the
-    scales it keeps.
+    output block ``i`` should give for this rank's batch ``b``. Returns what happened (block errors before and
+    after, first and last pass losses, whether the tuned scales were kept) and the block's outputs with the
+    scales it keeps. Adam steps on the batches in order; with several ranks, the rank of each batch computes
+    its step's loss and gradients and broadcasts them, so every rank takes the steps one process would.
     """
-    block, inputs, calls = runner.blocks[i], runner.hidden, runner.calls[i]
+    block, inputs, calls, ranks = runner.block(i), runner.hidden, runner.calls[i], runner.ranks
     untuned = runner.run_block(i, inputs)
-    before = _mse(untuned, targets)
-    params = {name: _Tunable(lin, compressed) for name, (lin, compressed) in linears.items()}
+    before = _mse(runner, untuned, targets)
+    params = {}
+    for name, (lin, compressed) in linears.items():
+        params[name] = _Tunable(lin, compressed.expanded())
+        compressed.compact()
     frozen = [p for p in block.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
-    opt = torch.optim.Adam([p for sb in params.values() for p in (sb.s, sb.t)], lr=tuning.lr)
+    tensors = [p for sb in params.values() for p in (sb.s, sb.t)]
+    opt = torch.optim.Adam(tensors, lr=tuning.lr)
     for sb in params.values():
         sb.attach()
     losses: list[list[float]] = []
@@ -128,16 +132,15 @@ def tune_block_scales(runner, i: int, linears: dict[str, tuple], targets: list[t
         with torch.enable_grad():
             for _ in range(tuning.steps):
                 losses.append([])
-                for x, call, y in zip(inputs, calls, targets, strict=True):
+                for b in range(ranks.total):
                     opt.zero_grad(set_to_none=True)
-                    out = block(x, *call.args, **call.kwargs)
-                    loss = F.mse_loss((out[0] if isinstance(out, tuple) else out).float(), y.float())
-                    if not torch.isfinite(loss):
-                        problem = f"the tuning loss became {loss.item()}"
+                    loss = _step_loss(block, ranks, b, inputs, calls, targets)
+                    loss = _shared_step(ranks, b, loss, tensors, runner.device)
+                    if not math.isfinite(loss):
+                        problem = f"the tuning loss became {loss}"
                         break
-                    loss.backward()
                     opt.step()
-                    losses[-1].append(loss.item())
+                    losses[-1].append(loss)
                 if problem:
                     break
     finally:
@@ -156,16 +159,45 @@ def tune_block_scales(runner, i: int, linears: dict[str, tuple], targets: list[t
             for name, (lin, _) in linears.items():
                 runner.set_weight(lin, packed[name])
             outputs = runner.run_block(i, inputs)
-            record["after"] = _mse(outputs, targets)
+            record["after"] = _mse(runner, outputs, targets)
             if record["after"] < before:
                 record["kept"] = True
+                untuned.release()
                 return record, outputs
+            outputs.release()
             problem = f"the block error did not go down ({before:.4g} -> {record['after']:.4g})"
             for name, (lin, _) in linears.items():
                 lin.weight = untuned_weights[name]
     log.warning("scale tuning of block %d refused: %s; the block keeps its untuned scales", i, problem)
     record["refused"] = problem
     return record, untuned
+
+
+def _step_loss(block, ranks, b: int, inputs, calls, targets) -> float | None:
+    """The loss of batch ``b`` (its gradients accumulated) on the rank that holds it; ``None`` elsewhere."""
+    if not ranks.mine(b):
+        return None
+    k = ranks.local(b)
+    call = calls[k]
+    out = block(inputs[k], *call.args, **call.kwargs)
+    loss = F.mse_loss((out[0] if isinstance(out, tuple) else out).float(), targets[k].float())
+    value = loss.item()
+    if math.isfinite(value):
+        loss.backward()
+    return value
+
+
+def _shared_step(ranks, b: int, loss: float | None, tensors: list[torch.Tensor], device) -> float:
+    """The loss of batch ``b`` and, on every rank, its gradients (broadcast from the rank that computed them)."""
+    if not ranks.distributed:
+        return loss
+    src = ranks.owner(b)
+    mine = ranks.mine(b)
+    grads, value = ranks.broadcast([p.grad for p in tensors] if mine else None, src, device, loss)
+    if not mine:
+        for p, g in zip(tensors, grads, strict=True):
+            p.grad = g
+    return value
 
 
 def _finite(w: torch.Tensor) -> bool:
@@ -177,7 +209,9 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-def _mse(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
-    """Mean squared difference of a block's outputs and their targets over all batches."""
-    total = sum(float(F.mse_loss(o.float(), y.float(), reduction="sum")) for o, y in zip(outputs, targets, strict=True))
-    return total / max(sum(y.numel() for y in targets), 1)
+def _mse(runner, outputs, targets) -> float:
+    """Mean squared difference of a block's outputs and their targets over all batches (of every rank)."""
+    sums = {b: float(F.mse_loss(o.float(), y.float(), reduction="sum"))
+            for b, o, y in zip(runner.ranks.batches, outputs, targets, strict=True)}
+    total = sum(runner.ranks.gather(sums))
+    return total / max(runner.ranks.total_count(sum(y.numel() for y in targets)), 1)

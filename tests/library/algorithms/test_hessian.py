@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pbs2p.algorithms import HessianAccumulator, prepare_hessian, relative_output_error
@@ -54,3 +55,16 @@ def test_relative_output_error():
     expect = torch.linalg.norm((0.5 * W) @ X.T) / torch.linalg.norm(W @ X.T)
     assert abs(relative_output_error(W, 0.5 * W, H) - float(expect)) < 1e-5
     assert relative_output_error(W, W) == 0.0
+
+
+def test_hessian_sums_in_float64_or_float32_whatever_the_input_dtype():
+    x = torch.randn(3, 40, 16, generator=torch.Generator().manual_seed(0))
+    acc64, acc32, acc_bf16 = HessianAccumulator(16), HessianAccumulator(16, dtype=torch.float32), HessianAccumulator(16)
+    acc64.add(x)
+    acc32.add(x)
+    acc_bf16.add(x.bfloat16())
+    assert acc64.sum.dtype == torch.float64 and acc32.sum.dtype == torch.float32
+    assert torch.allclose(acc64.hessian(), acc32.hessian(), rtol=1e-5, atol=1e-6)
+    assert acc_bf16.hessian().dtype == torch.float32 and acc_bf16.sum.dtype == torch.float64
+    with pytest.raises(ValueError, match="float64 or float32"):
+        HessianAccumulator(16, dtype=torch.bfloat16)
