@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
+import importlib.util
 import inspect
 import json
 import os
@@ -71,12 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     n, m = (int(v) for v in args.nm.split(":"))
     import pbs2p
 
-    try:
-        from pbs2p_lab.assets import load_model
-        from pbs2p_lab.data.calibration import calibration_tokens
-    except ImportError:  # a checkout from before the lab moved out of the library
+    if importlib.util.find_spec("pbs2p.assets") is not None:  # a checkout from before the lab moved out
         from pbs2p.assets import load_model
         from pbs2p.data.calibration import calibration_tokens
+    else:
+        from pbs2p_lab.assets import load_model
+        from pbs2p_lab.data.calibration import calibration_tokens
 
     model, tokenizer = load_model("smollm2")
     tokens = calibration_tokens(tokenizer, args.nsamples, args.seqlen, 0)
