@@ -56,3 +56,37 @@ def make_layer(seed: int, out: int = 32, cols: int = 64, dist: str = "gaussian",
         acc.add(part)
         hessians.append(acc.hessian())
     return W, hessians[0], hessians[1]
+
+
+def packed_digest(model: torch.nn.Module) -> str:
+    """sha256 of every packed weight's name, codes and scales: equal digests mean equal packed bits."""
+    import hashlib
+
+    from pbs2p import BinarySparseTensor
+
+    h = hashlib.sha256()
+    for key, p in sorted(model.named_parameters()):
+        if isinstance(p, BinarySparseTensor):
+            h.update(key.encode())
+            for t in (p.qdata, p.scale, p.zero_point):
+                h.update(t.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def random_packed_weight(
+    out: int, k: int, n: int, m: int, scale_block: int, dtype: torch.dtype, seed: int, mu_kind: str = "small"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Packed codes of a random N:M mask and signs, with random alpha > 0 and mu (``mu_kind``: ``small``,
+    ``big``, or ``near+``/``near-``: within 0.1% of +-alpha, where ``alpha * sign + mu`` cancels)."""
+    from pbs2p.kernels import packing
+
+    g = torch.Generator().manual_seed(seed)
+    top = torch.rand(out, k // m, m, generator=g).topk(n, -1).indices
+    mask = torch.zeros(out, k // m, m, dtype=torch.bool).scatter_(-1, top, True).reshape(out, k)
+    signs = torch.rand(out, k, generator=g) > 0.5
+    blocks = -(-k // scale_block)
+    alpha = torch.rand(out, blocks, generator=g) + 0.05
+    near = 1 - 1e-3 * torch.rand(out, blocks, generator=g)
+    mu = {"small": 0.2 * torch.randn(out, blocks, generator=g), "big": 3 * torch.randn(out, blocks, generator=g),
+          "near+": alpha * near, "near-": -alpha * near}[mu_kind]
+    return packing.pack(mask, signs, n, m), alpha.to(dtype), mu.to(dtype)

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import random_packed_weight
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pbs2p import PBS2P, compress_weight
-from pbs2p.kernels import native, ops, packing
+from pbs2p.kernels import native, ops
 from pbs2p.kernels.reference import contract_ratio, reference_linear
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -33,16 +34,7 @@ def native_isas() -> list[str]:
 
 def weight(out: int, k: int, n: int, m: int, scale_block: int, mu_kind: str, seed: int,
            dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    top = torch.rand(out, k // m, m, generator=g).topk(n, -1).indices
-    mask = torch.zeros(out, k // m, m, dtype=torch.bool).scatter_(-1, top, True).reshape(out, k)
-    signs = torch.rand(out, k, generator=g) > 0.5
-    blocks = -(-k // scale_block)
-    alpha = torch.rand(out, blocks, generator=g) + 0.05
-    near = 1 - 1e-3 * torch.rand(out, blocks, generator=g)
-    mu = {"small": 0.2 * torch.randn(out, blocks, generator=g), "big": 3 * torch.randn(out, blocks, generator=g),
-          "near+": alpha * near, "near-": -alpha * near}[mu_kind]
-    return packing.pack(mask, signs, n, m), alpha.to(dtype), mu.to(dtype)
+    return random_packed_weight(out, k, n, m, scale_block, dtype, seed, mu_kind)
 
 
 def every_path(x, codes, alpha, mu, bias, n, m, scale_block, monkeypatch) -> dict[str, torch.Tensor]:

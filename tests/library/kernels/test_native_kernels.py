@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+from helpers import random_packed_weight as random_weight
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -28,23 +29,6 @@ def built() -> None:
 def isas() -> list[str]:
     native.load()
     return native.supported_isas()
-
-
-def random_weight(
-    out: int, k: int, n: int, m: int, scale_block: int, dtype: torch.dtype, seed: int, mu_kind: str = "small"
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Packed codes of a random N:M mask and signs, with random alpha > 0 and mu (``mu_kind``: ``small``,
-    ``big``, or ``near+``/``near-``: within 0.1% of +-alpha, where ``alpha * sign + mu`` cancels)."""
-    g = torch.Generator().manual_seed(seed)
-    top = torch.rand(out, k // m, m, generator=g).topk(n, -1).indices
-    mask = torch.zeros(out, k // m, m, dtype=torch.bool).scatter_(-1, top, True).reshape(out, k)
-    signs = torch.rand(out, k, generator=g) > 0.5
-    blocks = -(-k // scale_block)
-    alpha = torch.rand(out, blocks, generator=g) + 0.05
-    near = 1 - 1e-3 * torch.rand(out, blocks, generator=g)
-    mu = {"small": 0.2 * torch.randn(out, blocks, generator=g), "big": 3 * torch.randn(out, blocks, generator=g),
-          "near+": alpha * near, "near-": -alpha * near}[mu_kind]
-    return packing.pack(mask, signs, n, m), alpha.to(dtype), mu.to(dtype)
 
 
 def assert_within_contract(y, x, codes, alpha, mu, bias, n, m, scale_block) -> None:

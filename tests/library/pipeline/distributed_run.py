@@ -9,7 +9,6 @@ digests of the in-memory result and of the folder written from the checkpoint to
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,15 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def digest(model: torch.nn.Module) -> str:
-    from pbs2p import BinarySparseTensor
+    from helpers import packed_digest
 
-    h = hashlib.sha256()
-    for key, p in sorted(model.named_parameters()):
-        if isinstance(p, BinarySparseTensor):
-            h.update(key.encode())
-            for t in (p.qdata, p.scale, p.zero_point):
-                h.update(t.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+    return packed_digest(model)[:16]
 
 
 def main(out: str) -> int:

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import packed_digest as digest
 from helpers import tiny_llama
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from pbs2p import PBS2P, BinarySparseTensor, Checkpoint, calibrate
+from pbs2p import PBS2P, Checkpoint, calibrate
 from pbs2p.pipeline import InMemoryBlocks, SequentialRunner
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -24,16 +25,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def tokens(samples: int = 4) -> torch.Tensor:
     return torch.randint(0, 256, (samples, 32), generator=torch.Generator().manual_seed(0))
-
-
-def digest(model: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for key, p in sorted(model.named_parameters()):
-        if isinstance(p, BinarySparseTensor):
-            h.update(key.encode())
-            for t in (p.qdata, p.scale, p.zero_point):
-                h.update(t.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def state_digest(folder: Path) -> str:
