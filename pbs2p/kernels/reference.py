@@ -4,6 +4,15 @@
 does not. :func:`exact_linear` and :func:`error_scale` define its accuracy contract
 (:data:`~pbs2p.kernels.ops.TOLERANCE`): every path is compared to the float64 product of the stored
 values, never to another path.
+
+Example (``Ŵ = [[0.5, -1.5, 0, 0]]``: α = 1, μ = −0.5, two of four kept):
+    >>> import torch
+    >>> from pbs2p.kernels import packing
+    >>> codes = packing.pack(torch.tensor([[True, True, False, False]]), torch.tensor([[True, False, False, False]]),
+    ...                      2, 4)
+    >>> alpha, mu, x = torch.tensor([[1.0]]), torch.tensor([[-0.5]]), torch.ones(1, 4)
+    >>> exact_linear(x, codes, alpha, mu, None, 2, 4, 4), error_scale(x, codes, alpha, mu, None, 2, 4, 4)
+    (tensor([[-1.]], dtype=torch.float64), tensor([[3.]], dtype=torch.float64))
 """
 
 from __future__ import annotations
@@ -41,15 +50,8 @@ def exact_linear(
     x: torch.Tensor, codes: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor, bias: torch.Tensor | None,
     n: int, m: int, scale_block: int,
 ) -> torch.Tensor:
-    """The product the accuracy contract refers to: ``x @ W_hat.T + bias`` in float64, from the stored values.
-
-    >>> import torch
-    >>> from pbs2p.kernels import packing
-    >>> codes = packing.pack(torch.tensor([[True, True, False, False]]), torch.tensor([[True, False, False, False]]),
-    ...                      2, 4)
-    >>> exact_linear(torch.ones(1, 4), codes, torch.tensor([[1.0]]), torch.tensor([[-0.5]]), None, 2, 4, 4)
-    tensor([[-1.]], dtype=torch.float64)
-    """
+    """The product the accuracy contract refers to: ``x @ W_hat.T + bias`` in float64, from the stored values
+    (example in the module docstring)."""
     weight = dequantize(codes, alpha.double(), mu.double(), n, m, scale_block, dtype=torch.float64)
     y = x.double() @ weight.T
     return y if bias is None else y + bias.double()
@@ -59,15 +61,8 @@ def error_scale(
     x: torch.Tensor, codes: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor, bias: torch.Tensor | None,
     n: int, m: int, scale_block: int,
 ) -> torch.Tensor:
-    """``|x| @ (kept * (|alpha| + |mu|)).T + |bias|`` in float64: the scale of the contract's error bound.
-
-    >>> import torch
-    >>> from pbs2p.kernels import packing
-    >>> codes = packing.pack(torch.tensor([[True, True, False, False]]), torch.tensor([[True, False, False, False]]),
-    ...                      2, 4)
-    >>> error_scale(torch.ones(1, 4), codes, torch.tensor([[1.0]]), torch.tensor([[-0.5]]), None, 2, 4, 4)
-    tensor([[3.]], dtype=torch.float64)
-    """
+    """``|x| @ (kept * (|alpha| + |mu|)).T + |bias|`` in float64: the scale of the contract's error bound
+    (example in the module docstring)."""
     kept = unpack_ternary(codes, n, m, alpha.shape[0]).ne(0).double()
     magnitude = expand_scales(alpha.double().abs() + mu.double().abs(), scale_block, kept.shape[1]) * kept
     scale = x.double().abs() @ magnitude.T

@@ -38,11 +38,12 @@ class BinarySparseTensor(TorchAOBaseTensor):
     Example:
         >>> import torch
         >>> from pbs2p import PBS2P, compress_weight
-        >>> q = compress_weight(torch.randn(128, 64), PBS2P(n=4, m=8))
-        >>> q.shape, q.nm(), round(q.bits_per_weight(), 3)
-        (torch.Size([128, 64]), (4, 8), 2.375)
-        >>> int((q.dequantize().reshape(128, 8, 8) != 0).sum(-1).unique())
-        4
+        >>> q = compress_weight(torch.randn(96, 64), PBS2P(n=6, m=8, scale_block=32))
+        >>> q.qdata.dtype, tuple(q.scale.shape), (q.dequantize().reshape(96, 8, 8) != 0).sum(-1).unique().tolist()
+        (torch.uint8, (96, 2), [6])
+        >>> x = torch.randn(3, 64)
+        >>> torch.allclose(torch.nn.functional.linear(x, q), x @ q.dequantize().T, atol=1e-4)
+        True
 
     Integrity: :attr:`checksum` is a digest of everything stored, computed when the tensor is saved
     (safetensors metadata, ``torch.save``) and verified when it is loaded, never on other constructions.
