@@ -87,3 +87,56 @@ def test_median_normalization_resists_a_near_zero_cosine():
     assert by_median[0] == 7 and by_median[6] == 7 and by_median[5] == 5
     with pytest.raises(ValueError, match="normalize"):
         layer_importance([0.5], normalize="max")
+
+
+@given(imp=st.lists(st.floats(0.1, 3.0), min_size=2, max_size=5), data=st.data())
+def test_allocation_is_the_cheapest_exact_one(imp, data):
+    """Against brute force: among all allocations within the bounds that hit the target exactly, none is
+    closer to the ideal ``N·I`` (in ``Σ|N·I − N_l|``) than the one returned."""
+    sizes = [data.draw(st.sampled_from([1, 2, 3])) for _ in imp]
+    lo, hi, target = 2, 6, data.draw(st.integers(2, 6))
+    ideal = [target * x for x in imp]
+    exact = [c for c in itertools.product(range(lo, hi + 1), repeat=len(imp))
+             if sum(w * x for w, x in zip(sizes, c, strict=True)) == target * sum(sizes)]
+    N = allocate_n(imp, target, 8, lo, hi, sizes, kind="importance")
+    assert tuple(N) in exact
+
+    def cost(c):
+        return sum(abs(a - b) for a, b in zip(ideal, c, strict=True))
+
+    assert cost(N) == pytest.approx(min(cost(c) for c in exact), abs=1e-9)
+
+
+def test_importance_values():
+    """``I = (1/c) / mean(1/c)``, or over the median of ``1/c``; cosines ≤ 0 count as ``eps``."""
+    assert layer_importance([0.5, 0.25]) == pytest.approx([2 / 3, 4 / 3])
+    assert layer_importance([0.5, 0.25, 0.2], normalize="median") == pytest.approx([0.5, 1.0, 1.25])
+    assert layer_importance([-1.0, 0.5], eps=0.25) == pytest.approx([4 / 3, 2 / 3])
+
+
+@pytest.mark.parametrize(("call", "match"), [
+    (lambda: layer_importance([]), "at least one layer"),
+    (lambda: layer_importance([0.5, float("inf")]), "must be finite"),
+    (lambda: allocate_n([1.0, -0.5], 4, 8, 2, 6, kind="importance"), "finite and >= 0"),
+    (lambda: allocate_n([1.0, float("nan")], 4, 8, 2, 6, kind="importance"), "finite and >= 0"),
+    (lambda: allocate_n([], 4, 8, 2, 6, kind="importance"), "finite and >= 0"),
+    (lambda: allocate_n([0.5], 4, 8, 2, 6, kind="cos"), "kind must be"),
+    (lambda: allocate_n([0.5], 4, 8, 2, 9), "n_high"),
+    (lambda: allocate_n([0.5], 4, 8, 0, 6), "n_low"),
+    (lambda: allocate_n([0.5, 0.9], 4, 8, 2, 6, [1, 0]), "positive"),
+    (lambda: allocate_n([0.5, 0.9], 4.5, 8, 2, 6, [1, 2]), "not an integer"),
+    (lambda: allocate_n([0.5, 0.9], 1, 8, 2, 6), "outside"),
+    (lambda: allocate_n([0.5, 0.9], 6.5, 8, 2, 6), "outside"),
+    (lambda: allocate_n([1.0, 1.0], 4.5, 8, 1, 7, [2, 4], kind="importance"), "gcd"),
+])
+def test_refusals_name_the_problem(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_allocation_at_the_bounds_and_on_target():
+    """A layer exactly on its ideal N needs no correction; the full range [1, m] is allowed; equal-cost
+    steps down go to the less important layer first."""
+    assert allocate_n([1.0, 1.0, 1.0], 3, 8, 1, 8, kind="importance") == [3, 3, 3]
+    assert allocate_n([2.0, 0.5], 4, 8, 1, 8, kind="importance") == [7, 1]
+    assert allocate_n([1.0], 8, 8, 1, 8, kind="importance") == [8]

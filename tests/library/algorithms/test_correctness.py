@@ -60,6 +60,21 @@ def test_gptq_identity_output_error_equals_sum_of_scaled_errors(seed, nm, comp, 
     assert output_error_sq(Wr, Q, prep.H) == pytest.approx(loss, rel=2e-4)
 
 
+@pytest.mark.parametrize("comp", ["column", "block", "block-diag", "none"])
+def test_reported_error_is_the_output_error_for_a_diagonal_hessian(comp):
+    """With independent inputs (diagonal H) nothing propagates and every way of scaling the errors is exact:
+    each compensation (and none) reports the true output error tr((W−Q)H(W−Q)ᵀ), errors divided by U_jj."""
+    W = torch.randn(16, 256, generator=torch.Generator().manual_seed(2))
+    H = torch.diag(torch.rand(256, generator=torch.Generator().manual_seed(3)) * 4 + 0.1)
+    prep = prepare_hessian(H)
+    levels = _levels(W, 4, 8, 256, 2)
+    pruned = torch.zeros_like(W, dtype=torch.bool)
+    mask, signs, _, loss = sweep(W, prep, 4, 8, levels=levels, scale_block=256, pruned=pruned, oneshot=False,
+                                 compensation=comp, block_size=128)
+    Q = BinarizedWeight(mask, signs, *levels, 256).dequantize()
+    assert output_error_sq(W, Q, prep.H) == pytest.approx(loss, rel=1e-5)
+
+
 def _reference_column_sweep(W, prep, n, m, levels, sb, oneshot):
     """GPTQ/SparseGPT as written in the papers: full-matrix update after every column (no lazy batches)."""
     W = W.double().clone()

@@ -72,6 +72,48 @@ def test_compact_and_masked_fits_agree():
     torch.testing.assert_close(a[2], mu)
 
 
+def test_column_weights_are_used_on_every_path():
+    """``fit_binary`` with column weights: the whole-weight fast path (all kept, whole scale blocks) and the
+    masked path give the weighted binarizer of each scale block, not the unweighted one."""
+    g = torch.Generator().manual_seed(3)
+    W, v = torch.randn(4, 64, generator=g) + 0.5, torch.rand(64, generator=g) + 0.1
+    ref = fit_values(W.reshape(4, 4, 16), v.reshape(1, 4, 16))
+    fast = fit_binary(W, torch.ones_like(W, dtype=torch.bool), 16, col_weight=v)
+    assert torch.equal(fast[0], ref[0].reshape(4, 64))
+    assert torch.allclose(fast[1], ref[1]) and torch.allclose(fast[2], ref[2])
+    assert not torch.allclose(fast[1], fit_binary(W, torch.ones_like(W, dtype=torch.bool), 16)[1])
+    mask = torch.rand(4, 64, generator=g) > 0.3
+    masked = fit_binary(W, mask, 16, col_weight=v)
+    ref = fit_values(W.reshape(4, 4, 16), (mask * v).reshape(4, 4, 16))
+    assert torch.allclose(masked[1], ref[1]) and torch.allclose(masked[2], ref[2])
+
+
+@pytest.mark.parametrize("rounds", [0, 1])
+def test_refinement_rounds_are_honoured(rounds):
+    """``rounds=0`` is the closed form (μ = mean, α = mean|w − μ|); more rounds change the levels."""
+    W = torch.randn(6, 32, generator=torch.Generator().manual_seed(5)).pow(3)
+    mask = torch.rand(6, 32, generator=torch.Generator().manual_seed(6)) > 0.4
+    for m_ in (torch.ones_like(mask), mask):
+        _, alpha, mu = fit_binary(W, m_, 16, rounds=rounds)
+        _, alpha3, mu3 = fit_binary(W, m_, 16, rounds=3)
+        assert not torch.allclose(mu, mu3)
+        if rounds == 0:
+            k = m_.float().reshape(6, 2, 16)
+            mean = (W.reshape(6, 2, 16) * k).sum(-1) / k.sum(-1)
+            assert torch.allclose(mu, mean, atol=1e-6)
+            assert torch.allclose(alpha, ((W.reshape(6, 2, 16) - mean[..., None]).abs() * k).sum(-1) / k.sum(-1),
+                                  atol=1e-6)
+
+
+def test_a_scale_block_with_nothing_kept_has_zero_levels():
+    W = torch.randn(3, 32, generator=torch.Generator().manual_seed(8))
+    mask = torch.ones_like(W, dtype=torch.bool)
+    mask[1, 16:] = False
+    signs, alpha, mu = fit_binary(W, mask, 16)
+    assert alpha[1, 1] == 0 and mu[1, 1] == 0 and not signs[1, 16:].any()
+    assert torch.isfinite(alpha).all() and torch.isfinite(mu).all() and (alpha[0] > 0).all()
+
+
 def test_closed_form_on_symmetric_row():
     W = torch.tensor([[-2.0, -1.0, 1.0, 2.0]])
     signs, alpha, mu = fit_binary(W, torch.ones_like(W, dtype=torch.bool), 4, rounds=0)
@@ -107,6 +149,27 @@ def test_spbo_any_schedule_gives_exact_nm(seed, nm, steps, sb):
     mask, signs, alpha, mu = spbo(W, n, m, scale_block=sb, steps=steps)
     assert _is_nm(mask, n, m) and not (signs & ~mask).any() and (alpha >= 0).all()
     assert torch.linalg.norm(W - _dense(mask, signs, alpha, mu, sb)) <= torch.linalg.norm(W)
+
+
+@pytest.mark.parametrize(("n", "m"), [(4, 8), (1, 4), (3, 4)])
+@pytest.mark.parametrize("steps", [None, 1, 2])
+def test_spbo_scale_blocks_are_independent_also_a_partial_last_one(n, m, steps):
+    """α, μ and the pruning of a scale block depend on that block alone: a weight whose last scale block
+    is partial gives, block by block, what SPBO gives on each block's columns by themselves."""
+    W = torch.randn(5, 80, generator=torch.Generator().manual_seed(n * 10 + m)) + 0.7
+    whole = spbo(W, n, m, scale_block=32, steps=steps)
+    parts = [spbo(W[:, a:b], n, m, scale_block=32, steps=steps) for a, b in ((0, 32), (32, 64), (64, 80))]
+    assert torch.equal(whole[0], torch.cat([p[0] for p in parts], 1))
+    assert torch.equal(whole[1], torch.cat([p[1] for p in parts], 1))
+    assert torch.allclose(whole[2], torch.cat([p[2] for p in parts], 1), atol=1e-6)
+    assert torch.allclose(whole[3], torch.cat([p[3] for p in parts], 1), atol=1e-6)
+
+
+def test_spbo_keeps_its_tensors_on_the_weight_device():
+    """No tensor of SPBO is created on a fixed device (the meta device stands in for a second device type)."""
+    mask, signs, alpha, mu = spbo(torch.randn(4, 80, device="meta"), 4, 8, scale_block=32)
+    assert {t.device.type for t in (mask, signs, alpha, mu)} == {"meta"}
+    assert mask.dtype == signs.dtype == torch.bool and tuple(alpha.shape) == (4, 3)
 
 
 def test_progressive_differs_from_a_ranking_fixed_up_front():
