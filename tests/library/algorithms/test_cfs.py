@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pbs2p.algorithms.cfs import allocate_n, average_kept_fraction, layer_importance
@@ -89,6 +89,7 @@ def test_median_normalization_resists_a_near_zero_cosine():
         layer_importance([0.5], normalize="max")
 
 
+@settings(max_examples=300)
 @given(imp=st.lists(st.floats(0.1, 3.0), min_size=2, max_size=5), data=st.data())
 def test_allocation_is_the_cheapest_exact_one(imp, data):
     """Against brute force: among all allocations within the bounds that hit the target exactly, none is
@@ -140,3 +141,10 @@ def test_allocation_at_the_bounds_and_on_target():
     assert allocate_n([1.0, 1.0, 1.0], 3, 8, 1, 8, kind="importance") == [3, 3, 3]
     assert allocate_n([2.0, 0.5], 4, 8, 1, 8, kind="importance") == [7, 1]
     assert allocate_n([1.0], 8, 8, 1, 8, kind="importance") == [8]
+
+
+def test_average_kept_fraction():
+    assert average_kept_fraction([3, 5], 8) == 0.5
+    assert average_kept_fraction([3, 5], 8, [3, 1]) == pytest.approx(14 / 32)
+    with pytest.raises(ValueError):
+        average_kept_fraction([3, 5], 8, [1])
