@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     device_only = sorted(name for name in survivors if _device_only(diffs[name]))
     total, killed = len(status), sum(state in KILLED for state in status.values())
     testable = total - len(device_only)
+    keys = sorted({s for c in per_file.values() for s in c})
+    untraced = sorted({re.sub(r"__mutmut_\d+$", "", name) for name, state in status.items() if state == "no tests"})
     record = {
         "command": "python benchmarks/mutation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "mutated": ["pbs2p/algorithms/method.py", "pbs2p/algorithms/cfs.py", "pbs2p/algorithms/hessian.py"],
@@ -96,13 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         f"**{killed} of {total} mutants killed: {killed / total:.1%}.** {len(device_only)} survivors only change a "
         f"`device=` argument (the same tensor on a one-device machine); without them: {killed} of {testable}, "
         f"{killed / testable:.1%}.", "",
-        "*no tests*: mutmut saw no selected test call the function in its own process (`HessianAccumulator."
-        "all_reduce` runs only inside the two spawned gloo ranks of `test_all_reduce_gives_every_rank_the_hessian_"
-        "of_all_inputs`, which it cannot trace); counted as not killed.", "",
-        "| module | " + " | ".join(sorted({s for c in per_file.values() for s in c})) + " |",
-        "|---|" + "---:|" * len({s for c in per_file.values() for s in c}),
+        f"*no tests* ({', '.join(untraced) or 'none'}): mutmut saw no selected test call the function in its own "
+        "process (a test that runs it only in spawned processes cannot be traced); counted as not killed.", "",
+        "| module | " + " | ".join(keys) + " |",
+        "|---|" + "---:|" * len(keys),
     ]
-    keys = sorted({s for c in per_file.values() for s in c})
     for module, counts in sorted(per_file.items()):
         lines.append(f"| {module} | " + " | ".join(str(counts.get(k, 0)) for k in keys) + " |")
     if survivors:
