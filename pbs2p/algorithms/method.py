@@ -214,13 +214,13 @@ def sweep(W: torch.Tensor, prep: PreparedHessian, n: int, m: int, *, levels: tup
             Mt[g0:g1] = top_n(scores.masked_fill(Mt[g0:g1].T, -math.inf), n, m).T
             if compensation != "column":
                 continue
-            Ug, keep = U[s + g0:s + g1, s + g0:e], Mt[g0:g1].float()
-            for j in range(m):  # Wt rows keep their value on arrival: later columns alone are updated
-                x = Wt[g0 + j]
-                q = torch.where(x >= u[g0 + j], hi[g0 + j], lo[g0 + j]).mul_(keep[j])
-                err = torch.sub(x, q, out=Et[g0 + j]).div_(dl[s + g0 + j])
+            Ug, keep = U[s + g0:s + g1, s + g0:e], Mt[g0:g1]
+            rows, errs, ups = Wt[g0:g1].unbind(), Et[g0:g1].unbind(), u[g0:g1].unbind()
+            his, los = (hi[g0:g1] * keep).unbind(), (lo[g0:g1] * keep).unbind()
+            for j, x in enumerate(rows):  # Wt rows keep their value on arrival: later columns alone are updated
+                torch.sub(x, torch.where(x >= ups[j], his[j], los[j]), out=errs[j]).div_(dl[s + g0 + j])
                 if j + 1 < m:
-                    Wt[g0 + j + 1:g1].addr_(Ug[j, j + 1:m], err, alpha=-1.0)
+                    Wt[g0 + j + 1:g1].addr_(Ug[j, j + 1:m], errs[j], alpha=-1.0)
             if g1 < e - s:
                 Wt[g1:].addmm_(Ug[:, m:].T, Et[g0:g1], alpha=-1.0)
         mask[:, s:e], arrived[:, s:e] = Mt.T, Wt.T
