@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels.native import sweep_op
 from ..kernels.packing import check_nm, dense, expand_scales
 
 COMPENSATIONS = ("column", "block", "block-diag", "none")
@@ -137,9 +138,9 @@ def prune_cost(w: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor, v: torch.
 
 
 def top_n(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Bool mask of the ``n`` highest scores in every group of ``m`` consecutive columns."""
+    """Bool mask of the ``n`` highest scores in every group of ``m`` consecutive columns (ties: the lower column)."""
     g = scores.reshape(scores.shape[0], -1, m)
-    idx = torch.topk(g, n, dim=-1, sorted=False).indices
+    idx = torch.sort(g, dim=-1, descending=True, stable=True).indices[..., :n]
     return torch.zeros_like(g, dtype=torch.bool).scatter_(-1, idx, True).reshape(scores.shape)
 
 
@@ -200,15 +201,17 @@ def sweep(W: torch.Tensor, prep: PreparedHessian, n: int, m: int, *, levels: tup
     U, d = prep.U.float(), torch.diagonal(prep.U.float()).clone()
     v = 1.0 / d.square()
     mask, signs, arrived = torch.zeros_like(W, dtype=torch.bool), torch.zeros_like(W, dtype=torch.bool), W.clone()
-    loss, bs, dl = 0.0, max(m, block_size // m * m), d.tolist()
+    loss, bs, dl, native = 0.0, max(m, block_size // m * m), d.tolist(), sweep_op(W)
     for s in range(0, cols, bs):
         e = min(s + bs, cols)
         blk = torch.arange(s, e, device=W.device) // scale_block
         a, u = levels[0][:, blk].float().T.contiguous(), levels[1][:, blk].float().T.contiguous()
         hi, lo = u + a, u - a
-        Wt, Mt = W[:, s:e].T.contiguous(), pruned[:, s:e].T.clone()  # Mt: pruned before, then the new mask
+        Wt, Mt = W[:, s:e].T.contiguous(), pruned[:, s:e].T.contiguous()  # Mt: pruned before, then the new mask
         Et = torch.zeros(e - s, out, device=W.device)
-        for g0 in range(0, e - s, m):  # each group's kept set, chosen when the sweep reaches it
+        if native is not None:  # the loop below in one native call, the same arithmetic
+            native(Wt, Mt, Et, a, u, hi, lo, v, U, d, s, n, m, oneshot, compensation == "column")
+        for g0 in range(0, e - s, m) if native is None else ():  # each group's kept set, chosen on arrival
             g1, w, vg = g0 + m, Wt[g0:g0 + m].T, v[s + g0:s + g0 + m]
             scores = w.square() * vg if oneshot else prune_cost(w, a[g0:g1].T, u[g0:g1].T, vg)
             Mt[g0:g1] = top_n(scores.masked_fill(Mt[g0:g1].T, -math.inf), n, m).T
@@ -219,8 +222,8 @@ def sweep(W: torch.Tensor, prep: PreparedHessian, n: int, m: int, *, levels: tup
             his, los = (hi[g0:g1] * keep).unbind(), (lo[g0:g1] * keep).unbind()
             for j, x in enumerate(rows):  # Wt rows keep their value on arrival: later columns alone are updated
                 torch.sub(x, torch.where(x >= ups[j], his[j], los[j]), out=errs[j]).div_(dl[s + g0 + j])
-                if j + 1 < m:
-                    Wt[g0 + j + 1:g1].addr_(Ug[j, j + 1:m], errs[j], alpha=-1.0)
+                if j + 1 < m:  # the product rounded, then the difference (no fused multiply-add: the same everywhere)
+                    Wt[g0 + j + 1:g1].sub_(torch.outer(Ug[j, j + 1:m], errs[j]))
             if g1 < e - s:
                 Wt[g1:].addmm_(Ug[:, m:].T, Et[g0:g1], alpha=-1.0)
         mask[:, s:e], arrived[:, s:e] = Mt.T, Wt.T
@@ -229,10 +232,8 @@ def sweep(W: torch.Tensor, prep: PreparedHessian, n: int, m: int, *, levels: tup
             E = Et.T
         else:
             E = W[:, s:e] - torch.where(signs[:, s:e], hi.T, lo.T) * mask[:, s:e]
-            if compensation == "block":
-                E = torch.linalg.solve_triangular(U[s:e, s:e], E, upper=True, left=False)
-            else:
-                E = E / d[s:e].unsqueeze(0)
+            exact = compensation == "block"
+            E = torch.linalg.solve_triangular(U[s:e, s:e], E, upper=True, left=False) if exact else E / d[s:e]
         loss += float(E.double().square().sum())
         if e < cols and compensation != "none":
             W[:, e:] -= E @ U[s:e, e:]
@@ -333,8 +334,7 @@ def compress(W: torch.Tensor, H: torch.Tensor | None, n: int, m: int, *, scale_b
         if error2 < error:
             mask, signs, alpha, mu = again, again_signs, a2, m2
     if perm is not None:
-        inv = torch.argsort(perm)
-        mask, signs = mask[:, inv], signs[:, inv]
+        mask, signs = mask[:, torch.argsort(perm)], signs[:, torch.argsort(perm)]
     return BinarizedWeight(mask, signs, alpha.contiguous(), mu.contiguous(), sb)
 
 

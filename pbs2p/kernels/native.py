@@ -47,6 +47,7 @@ SOURCES = (
     "kernels_scalar.cpp",
     "kernels_avx2.cpp",
     "kernels_avx512.cpp",
+    "sweep.cpp",
 )
 HEADERS = ("kernels.h", "work_pool.h")
 CFLAGS = ("-O3", "-fno-math-errno")
@@ -226,6 +227,14 @@ def load() -> bool:
     """Build (first use only) and load the operator; ``False``, after one warning, where that fails."""
     with _LOCK:
         return _load() is not None
+
+
+def sweep_op(W: torch.Tensor):
+    """``pbs2p::sweep_groups`` for a float32 CPU weight (the native group loop of the compensated sweep, the same
+    arithmetic as the torch loop), or ``None``: another device or dtype, ``PBS2P_KERNEL=torch``, or no build."""
+    if W.device.type != "cpu" or W.dtype != torch.float32 or os.environ.get("PBS2P_KERNEL", "").lower() == "torch":
+        return None
+    return torch.ops.pbs2p.sweep_groups if load() else None
 
 
 def build_seconds() -> float | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from helpers import tiny_llama
 
@@ -98,3 +99,33 @@ def test_block_tuning_lowers_the_block_error_and_keeps_the_storage():
         err_plain = (plain(calibration(2)).logits - ref).norm()
         err_tuned = (tuned(calibration(2)).logits - ref).norm()
     assert err_tuned < err_plain
+
+
+def test_tuning_judges_against_the_untuned_block_error_of_every_batch():
+    """The first pass's losses stand for the untuned block error: with 4 batches, ``before`` is block 0's error
+    with its untuned packed weights, measured here by running that block on every batch."""
+    calib = calibration(n=8)
+    untuned = tiny_llama()
+    pbs2p.calibrate(untuned, calib, PBS2P(n=4, m=8), cfs=None, tuning=None, batch_size=2, progress=False)
+    result = pbs2p.calibrate(tiny_llama(), calib, PBS2P(n=4, m=8), cfs=None, tuning=pbs2p.ScaleTuning(steps=2),
+                             batch_size=2, progress=False)
+    original = tiny_llama()
+    inputs = []
+    hook = original.model.layers[0].register_forward_pre_hook(lambda _m, args, kwargs: inputs.append((args, kwargs)),
+                                                              with_kwargs=True)
+    with torch.no_grad():
+        for chunk in calib.split(2):
+            original(chunk, use_cache=False)
+    hook.remove()
+    squares = count = 0.0
+    with torch.no_grad():
+        for args, kwargs in inputs:
+            want, got = (block(*args, **kwargs) for block in (original.model.layers[0], untuned.model.layers[0]))
+            want, got = (y[0] if isinstance(y, tuple) else y for y in (want, got))
+            squares += float(((got - want) ** 2).sum())
+            count += want.numel()
+    assert len(inputs) == 4
+    record = result.blocks[0].tune
+    assert abs(record["before"] - squares / count) <= 1e-5 * squares / count
+    assert record["first_pass"] == pytest.approx(record["before"], rel=1e-5)  # equal batches: the same mean
+    assert record["kept"] == (record["after"] < record["before"])
