@@ -59,7 +59,7 @@ def _drop_weight(weight: str) -> Damage:
 def _drop_checksum(weight: str) -> Damage:
     def damage(tensors, metadata, config):
         entry = json.loads(metadata[weight])
-        del entry["_data"]["checksum"]
+        entry["_data"].pop("checksum", None)
         metadata[weight] = json.dumps(entry)
     return damage
 
@@ -104,7 +104,7 @@ def _flip_bits(key: str) -> Damage:
 
 
 def _drop_tensor_checksums(tensors, metadata, config):
-    del metadata["pbs2p_tensor_checksums"]
+    metadata.pop("pbs2p_tensor_checksums", None)
 
 
 def _add_tensor(tensors, metadata, config):
