@@ -632,6 +632,14 @@ def summarize(record: dict) -> dict[str, dict]:
     return summary
 
 
+def _shown(path: Path) -> str:
+    """``path`` as the record shows it: relative to the repository when inside it."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kill-trials", type=int, default=20)
@@ -647,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed)
     record: dict = {"created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                     "host": {"cpu_count": os.cpu_count()}, "versions": package_versions(),
-                    "arguments": {**vars(args), "out": str(args.out)}}
+                    "arguments": {**vars(args), "out": _shown(args.out)}}
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="pbs2p-reliability-") as tmp:
         work = Path(tmp)
