@@ -15,8 +15,8 @@ otherwise (a wrong result without an error, an unclear error, a crash).
   - the native build killed at a random point, then a new process on the same cache: it must load a
     verified library and compute correctly; three processes building at once on an empty cache: all
     load it, one compiles; a truncated cached library with a working compiler: rebuilt, never loaded;
-  - a hypothesis fuzz of a saved checkpoint's bytes and safetensors metadata: every load must refuse
-    (with a ``ValueError``/``RuntimeError``/``OSError`` naming the problem) or give exactly the original logits;
+  - a hypothesis fuzz of a saved checkpoint's bytes and safetensors metadata: every load must refuse with
+    pbs2p's refusal (which names the tensor or file and the problem) or give exactly the original logits;
   - the kernel accuracy contract (``pbs2p.kernels.ops.TOLERANCE``) against the exact float64 product,
     hypothesis examples on every path (torch, each native ISA, the bf16 BLAS path).
 
@@ -284,6 +284,10 @@ for line in sys.stdin:
     print("OUT " + json.dumps(out), flush=True)
 """
 CLEAR_ERRORS = ("ValueError", "RuntimeError", "OSError", "SafetensorError", "HeaderTooLarge", "FileNotFoundError")
+#: how every refusal of a damaged PBS2P checkpoint begins (``pbs2p.interop.REFUSAL``); it goes on to name the tensor
+#: or file and what is wrong with it. Any other error (e.g. transformers' "Invalid torchao safetensors metadata")
+#: names nothing, and counts as bad.
+REFUSAL = "refusing this pbs2p checkpoint, it is damaged or incomplete: "
 
 
 class Loader:
@@ -349,7 +353,7 @@ def fuzz_checkpoints(workdir: Path, examples: int, seed: int) -> dict:
         result = loader.load(folder)
         if result["loaded"]:
             outcome = "clean: loads, identical" if result["exact"] == original["exact"] else "bad: loads, different"
-        elif result["type"] in CLEAR_ERRORS:
+        elif result["type"] in CLEAR_ERRORS and REFUSAL in result["message"]:
             outcome = "clean: refused"
             cause = _cause(result["message"])
             errors[f"{result['type']}: {cause}"] += 1
@@ -451,11 +455,13 @@ def fuzz_checkpoints(workdir: Path, examples: int, seed: int) -> dict:
 
 def _cause(message: str) -> str:
     """The kind of a refusal, from its message (to count them)."""
+    message = message.split(REFUSAL, 1)[-1]
     for needle in ("does not match its checksum", "no valid pbs2p_tensor_checksums", "has no recorded checksum",
                    "is not in the checkpoint", "could not be rebuilt", "describes no packed weight",
                    "has no checksum in the checkpoint", "format version", "inconsistent BinarySparseTensor",
                    "quantization_config says", "no place for", "stored transposed", "cannot be read as safetensors",
-                   "deserializ", "header", "incomplete"):
+                   "has a damaged metadata entry", "has no valid metadata entry", "has metadata of type",
+                   "is listed in the metadata's tensor_names", "is not a JSON list", "not a tensor name"):
         if needle in message:
             return needle
     return message[:60]
