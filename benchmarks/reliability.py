@@ -15,8 +15,8 @@ otherwise (a wrong result without an error, an unclear error, a crash).
   - the native build killed at a random point, then a new process on the same cache: it must load a
     verified library and compute correctly; three processes building at once on an empty cache: all
     load it, one compiles; a truncated cached library with a working compiler: rebuilt, never loaded;
-  - a hypothesis fuzz of a saved checkpoint's bytes and safetensors metadata: every load must refuse
-    (with a ``ValueError``/``RuntimeError``/``OSError`` naming the problem) or give exactly the original logits;
+  - a hypothesis fuzz of a saved checkpoint's bytes and safetensors metadata: every load must refuse with
+    pbs2p's refusal (which names the tensor or file and the problem) or give exactly the original logits;
   - the kernel accuracy contract (``pbs2p.kernels.ops.TOLERANCE``) against the exact float64 product,
     hypothesis examples on every path (torch, each native ISA, the bf16 BLAS path).
 
@@ -55,7 +55,7 @@ AREAS = {
     "test_kernels": "kernels: fp64 contract, NaN/Inf rule, integer inputs, build and compile caches",
     "test_tensor_ops": "packed tensor ops in grad / no_grad / inference_mode, edited scales",
     "test_saves": "atomic saves, output folders",
-    "test_cli": "command line refusals",
+    "test_cli_refusals": "command line refusals",
     "test_calibration_checks": "calibration inputs (already packed, meta, out of vocabulary)",
 }
 
@@ -284,6 +284,10 @@ for line in sys.stdin:
     print("OUT " + json.dumps(out), flush=True)
 """
 CLEAR_ERRORS = ("ValueError", "RuntimeError", "OSError", "SafetensorError", "HeaderTooLarge", "FileNotFoundError")
+#: how every refusal of a damaged PBS2P checkpoint begins (``pbs2p.interop.REFUSAL``); it goes on to name the tensor
+#: or file and what is wrong with it. Any other error (e.g. transformers' "Invalid torchao safetensors metadata")
+#: names nothing, and counts as bad.
+REFUSAL = "refusing this pbs2p checkpoint, it is damaged or incomplete: "
 
 
 class Loader:
@@ -349,7 +353,7 @@ def fuzz_checkpoints(workdir: Path, examples: int, seed: int) -> dict:
         result = loader.load(folder)
         if result["loaded"]:
             outcome = "clean: loads, identical" if result["exact"] == original["exact"] else "bad: loads, different"
-        elif result["type"] in CLEAR_ERRORS:
+        elif result["type"] in CLEAR_ERRORS and REFUSAL in result["message"]:
             outcome = "clean: refused"
             cause = _cause(result["message"])
             errors[f"{result['type']}: {cause}"] += 1
@@ -451,11 +455,13 @@ def fuzz_checkpoints(workdir: Path, examples: int, seed: int) -> dict:
 
 def _cause(message: str) -> str:
     """The kind of a refusal, from its message (to count them)."""
+    message = message.split(REFUSAL, 1)[-1]
     for needle in ("does not match its checksum", "no valid pbs2p_tensor_checksums", "has no recorded checksum",
                    "is not in the checkpoint", "could not be rebuilt", "describes no packed weight",
                    "has no checksum in the checkpoint", "format version", "inconsistent BinarySparseTensor",
                    "quantization_config says", "no place for", "stored transposed", "cannot be read as safetensors",
-                   "deserializ", "header", "incomplete"):
+                   "has a damaged metadata entry", "has no valid metadata entry", "has metadata of type",
+                   "is listed in the metadata's tensor_names", "is not a JSON list", "not a tensor name"):
         if needle in message:
             return needle
     return message[:60]
@@ -555,9 +561,16 @@ def kernel_contract(examples: int, seed: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- report
+def command(arguments: dict) -> str:
+    """The command line that wrote a record (every option spelled out, except the output folder)."""
+    options = [f"--{k.replace('_', '-')} {v}" for k, v in arguments.items() if k not in ("out", "skip_fast")]
+    flags = ["--skip-fast"] if arguments["skip_fast"] else []
+    return " ".join(["python benchmarks/reliability.py", *options, *flags])
+
+
 def markdown(record: dict) -> str:
     lines = ["# Reliability probes", "",
-             f"Written by `python benchmarks/reliability.py` on {record['created']} "
+             f"Written by `{command(record['arguments'])}` on {record['created']} "
              f"({record['host']['cpu_count']} CPUs, torch {record['versions']['torch']}).", "",
              "A probe is *clean* when pbs2p gives the right result or refuses with an error that names the cause, "
              "leaving the user's model and files as they were; *bad* otherwise.", "",
@@ -569,11 +582,10 @@ def markdown(record: dict) -> str:
                      f"{row.get('skipped', 0)} |")
     lines.append(f"| **total** | **{totals['probes']}** | **{totals['clean']}** | **{totals['bad']}** | "
                  f"{totals['pending']} | {totals['skipped']} |")
-    lines += ["", "*pending*: strict expected failures, the refusals `pbs2p.calibrate` gets once "
-              "`check_calibration_model` is called at the top of `SequentialRunner.__init__`.", ""]
+    lines.append("")
     kill = record.get("kill_trials")
     if kill:
-        lines += ["## kill -9 during `pbs2p compress --out X` over an existing X", "",
+        lines += ["### kill -9 during `pbs2p compress --out X` over an existing X", "",
                   f"{kill['trials']} trials (a run takes {kill['run_seconds']:.1f} s, its save until the swap "
                   f"{kill['save_seconds']:.2f} s; even trials are killed anywhere in the run, odd ones inside the "
                   "save): "
@@ -581,19 +593,19 @@ def markdown(record: dict) -> str:
                   + f". Mixed or missing folders: **{kill['bad']}**.", ""]
     builds = record.get("build_trials")
     if builds:
-        lines += ["## Native build cache", "", "| probe | clean |", "|---|---|"]
+        lines += ["### Native build cache", "", "| probe | clean |", "|---|---|"]
         lines += [f"| {r['probe']} | {'yes' if r['clean'] else '**no**'} |" for r in builds["records"]]
         lines.append("")
     fuzz = record.get("fuzz")
     if fuzz:
-        lines += ["## Checkpoint fuzz (hypothesis)", "", f"{fuzz['examples']} edited checkpoints, each loaded in a "
-                  "fresh worker process:", ""]
+        lines += ["### Checkpoint fuzz (hypothesis)", "", f"{fuzz['examples']} edited checkpoints, loaded by a "
+                  "process that only did `import pbs2p` (restarted if a load kills it):", ""]
         for kind, outcomes in fuzz["outcomes"].items():
             lines.append(f"* {kind}: " + ", ".join(f"{k} {v}" for k, v in outcomes.items()))
         lines.append("")
     kernel = record.get("kernel_contract")
     if kernel:
-        lines += ["## Kernel accuracy contract against the exact float64 product", "",
+        lines += ["### Kernel accuracy contract against the exact float64 product", "",
                   f"{kernel['examples']} hypothesis examples, {sum(kernel['calls'].values())} calls "
                   f"({', '.join(f'{p}: {c}' for p, c in kernel['calls'].items())}); "
                   f"failures: **{kernel['failures']}**. "
@@ -626,10 +638,18 @@ def summarize(record: dict) -> dict[str, dict]:
     return summary
 
 
+def _shown(path: Path) -> str:
+    """``path`` as the record shows it: relative to the repository when inside it."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kill-trials", type=int, default=20)
-    parser.add_argument("--build-trials", type=int, default=3)
+    parser.add_argument("--build-trials", type=int, default=3, help="interrupted builds (-1: no build probes)")
     parser.add_argument("--fuzz-examples", type=int, default=300)
     parser.add_argument("--kernel-examples", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
@@ -640,24 +660,24 @@ def main(argv: list[str] | None = None) -> int:
 
     rng = random.Random(args.seed)
     record: dict = {"created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                    "host": {"cpu_count": os.cpu_count()}, "versions": package_versions(), "arguments": vars(args)}
-    record["arguments"]["out"] = str(args.out)
+                    "host": {"cpu_count": os.cpu_count()}, "versions": package_versions(),
+                    "arguments": {**vars(args), "out": _shown(args.out)}}
+    args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="pbs2p-reliability-") as tmp:
         work = Path(tmp)
-        steps = [("kernel_contract", lambda: kernel_contract(args.kernel_examples, args.seed)),
-                 ("fuzz", lambda: fuzz_checkpoints(work, args.fuzz_examples, args.seed)),
-                 ("kill_trials", lambda: kill_trials(work, args.kill_trials, rng)),
-                 ("build_trials", lambda: build_trials(work, args.build_trials, rng))]
-        if not args.skip_fast:
-            steps.insert(0, ("fast", lambda: fast_probes(work)))
+        steps = [("fast", not args.skip_fast, lambda: fast_probes(work)),
+                 ("kernel_contract", args.kernel_examples, lambda: kernel_contract(args.kernel_examples, args.seed)),
+                 ("fuzz", args.fuzz_examples, lambda: fuzz_checkpoints(work, args.fuzz_examples, args.seed)),
+                 ("kill_trials", args.kill_trials, lambda: kill_trials(work, args.kill_trials, rng)),
+                 ("build_trials", args.build_trials >= 0, lambda: build_trials(work, args.build_trials, rng))]
+        steps = [(name, step) for name, wanted, step in steps if wanted]
         for name, step in steps:
             start = time.perf_counter()
             print(f"[reliability] {name} ...", file=sys.stderr, flush=True)
             record[name] = step()
             print(f"[reliability] {name}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-    record["summary"] = summarize(record)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "reliability.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
+            record["summary"] = summarize(record)
+            (args.out / "reliability.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
     report = markdown(record)
     (args.out / "reliability.md").write_text(report)
     print(report)

@@ -223,6 +223,28 @@ def metadata_problems(metadata: dict[str, str], name: str, stored: Iterable[str]
     return problems
 
 
+def merged_metadata_problems(metadatas: Iterable[dict[str, str]]) -> list[str]:
+    """What is wrong with the metadata of a checkpoint's files taken together (empty if nothing), as transformers'
+    torchao loader reads it: one dict (a later file's keys over an earlier one's), which needs an entry for
+    every name its ``tensor_names`` lists. Without this check such files fail deep in transformers with
+    "Invalid torchao safetensors metadata", naming nothing.
+
+    >>> merged_metadata_problems([{"tensor_names": '["a.weight", "b.weigjt"]', "a.weight": '{"_type": "Tensor"}'}])
+    ["b.weigjt is listed in the metadata's tensor_names, but no file's metadata describes it (edited or damaged)"]
+    """
+    merged: dict[str, str] = {}
+    for metadata in metadatas:
+        merged.update(metadata)
+    try:
+        names = json.loads(merged.get("tensor_names") or "null")
+    except ValueError:
+        names = None
+    if not isinstance(names, list):
+        return []  # (the files' own checks say what is wrong with it)
+    return [f"{key} is listed in the metadata's tensor_names, but no file's metadata describes it (edited or "
+            "damaged)" for key in names if isinstance(key, str) and key not in merged]
+
+
 def verify_tensor_checksums(path: str | os.PathLike[str]) -> list[str]:
     """What is wrong with the tensors of one safetensors file of a PBS²P checkpoint (empty if nothing).
 
@@ -292,10 +314,13 @@ def check_checkpoint_files(checkpoint_files: Iterable[str] | None, quantizer) ->
                 "save_pretrained wrote"
             )
         problems = []
-        for path in files:
-            header = read_safetensors_metadata(path)
+        headers = [read_safetensors_metadata(path) for path in files]
+        for path, header in zip(files, headers, strict=True):
             problems += metadata_problems(header[0], os.path.basename(path), header[1]) if header else []
             problems += verify_tensor_checksums(path)
+        named = {problem.split(" ", 1)[0] for problem in problems}
+        problems += [problem for problem in merged_metadata_problems(header[0] for header in headers if header)
+                     if problem.split(" ", 1)[0] not in named]
         _refuse(problems, "Use the files that save_pretrained wrote")
         return
     if found:

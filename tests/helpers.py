@@ -90,3 +90,29 @@ def random_packed_weight(
     mu = {"small": 0.2 * torch.randn(out, blocks, generator=g), "big": 3 * torch.randn(out, blocks, generator=g),
           "near+": alpha * near, "near-": -alpha * near}[mu_kind]
     return packing.pack(mask, signs, n, m), alpha.to(dtype), mu.to(dtype)
+
+
+def fp64_contract_ratio(
+    y: torch.Tensor, x: torch.Tensor, codes: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor,
+    bias: torch.Tensor | None, n: int, m: int, scale_block: int, tolerance: float,
+) -> float:
+    """Largest ``|y - y_exact| / (tolerance * (|x| @ (kept * (|alpha| + |mu|)).T + |bias|))`` (``inf`` where ``y`` is
+    NaN or Inf): the kernels' accuracy contract, checked against the tests' own float64 product of the stored
+    values (from the unpacked mask and signs), not against any compute path of the library."""
+    from pbs2p.kernels import packing
+
+    mask, signs = packing.unpack(codes, n, m, alpha.shape[0])
+    k = mask.shape[1]
+    per_column = torch.arange(k) // scale_block if alpha.shape[1] > 1 else torch.zeros(k, dtype=torch.long)
+    a, b = alpha.double()[:, per_column], mu.double()[:, per_column]
+    kept = mask.double()
+    weight = kept * (a * (2 * signs.double() - 1) + b)
+    exact = x.double() @ weight.T
+    scale = x.double().abs() @ (kept * (a.abs() + b.abs())).T
+    if bias is not None:
+        exact, scale = exact + bias.double(), scale + bias.double().abs()
+    if exact.numel() == 0:
+        return 0.0
+    error = (y.double() - exact).abs().nan_to_num(nan=float("inf"))
+    ratio = torch.where(error == 0, torch.zeros_like(error), error / (tolerance * scale))
+    return float(ratio.max())

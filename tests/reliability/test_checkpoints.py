@@ -59,7 +59,7 @@ def _drop_weight(weight: str) -> Damage:
 def _drop_checksum(weight: str) -> Damage:
     def damage(tensors, metadata, config):
         entry = json.loads(metadata[weight])
-        del entry["_data"]["checksum"]
+        entry["_data"].pop("checksum", None)
         metadata[weight] = json.dumps(entry)
     return damage
 
@@ -104,11 +104,17 @@ def _flip_bits(key: str) -> Damage:
 
 
 def _drop_tensor_checksums(tensors, metadata, config):
-    del metadata["pbs2p_tensor_checksums"]
+    metadata.pop("pbs2p_tensor_checksums", None)
 
 
 def _add_tensor(tensors, metadata, config):
     tensors["model.extra.weight"] = torch.zeros(4)
+
+
+def _rename_in_tensor_names(key: str, new: str) -> Damage:
+    def damage(tensors, metadata, config):
+        metadata["tensor_names"] = json.dumps([new if n == key else n for n in json.loads(metadata["tensor_names"])])
+    return damage
 
 
 #: case id -> (damage, a string the refusal must contain)
@@ -139,6 +145,13 @@ CASES.update({
     "packed-codes-bits-flipped": (_flip_bits(_flat(TINY_PACKED[9], "qdata")), _flat(TINY_PACKED[9], "qdata")),
     "tensor-checksums-removed": (_drop_tensor_checksums, "has no valid pbs2p_tensor_checksums"),
     "tensor-added": (_add_tensor, "model.extra.weight (in model.safetensors) has no recorded checksum"),
+    # one byte of a name in the metadata's tensor_names (was transformers' "Invalid torchao safetensors metadata")
+    "tensor-names-packed-name-changed": (
+        _rename_in_tensor_names(TINY_PACKED[13], TINY_PACKED[13][:-2] + "jt"),
+        f"{TINY_PACKED[13][:-2]}jt is listed in the metadata's tensor_names, but no file's metadata describes it"),
+    "tensor-names-plain-name-changed": (
+        _rename_in_tensor_names("model.norm.weight", "model.norm.weigjt"),
+        "model.norm.weigjt is listed in the metadata's tensor_names, but no file's metadata describes it"),
 })
 
 

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import random_packed_weight
+from helpers import fp64_contract_ratio, random_packed_weight
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pbs2p import PBS2P, compress_weight
-from pbs2p.kernels import native, ops
-from pbs2p.kernels.reference import contract_ratio, reference_linear
+from pbs2p.kernels import native, ops, packing
+from pbs2p.kernels.reference import reference_linear
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -72,8 +72,32 @@ def test_contract_holds_where_alpha_and_mu_cancel(nm, mu_kind, dtype, scale_dtyp
     x = torch.randn(70, k, generator=torch.Generator().manual_seed(1)).to(dtype)
     bias = torch.randn(150).to(dtype)
     for path, y in every_path(x, codes, alpha, mu, bias, n, m, scale_block, monkeypatch).items():
-        ratio = contract_ratio(y, x, codes, alpha, mu, bias, n, m, scale_block, ops.TOLERANCE[dtype])
+        ratio = fp64_contract_ratio(y, x, codes, alpha, mu, bias, n, m, scale_block, ops.TOLERANCE[dtype])
         assert ratio <= 1.0, f"{path}: error {ratio:.3g} x the tolerance"
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+@pytest.mark.parametrize("nm", [(2, 4), (4, 8), (8, 16)])
+def test_the_torch_path_keeps_small_weights_where_alpha_and_mu_cancel(nm, sign, monkeypatch):
+    # Every kept weight is alpha * sign + mu with mu = -sign * alpha * (1 - d), d < 1e-3: W_hat ~ 1e-3 alpha.
+    # The torch path (the reference, and the fallback) rounded alpha and mu to bf16 before adding them, which
+    # turned such weights into 0 or +-2^-8 alpha; it computes W_hat in float32 and rounds it once, so its error
+    # stays within the bf16 tolerance of |x| @ |W_hat|.T (not only of the contract's (|alpha| + |mu|) scale).
+    n, m = nm
+    out, k, scale_block = 48, 32 * m, 4 * m
+    g = torch.Generator().manual_seed(n * m)
+    top = torch.rand(out, k // m, m, generator=g).topk(n, -1).indices
+    mask = torch.zeros(out, k // m, m, dtype=torch.bool).scatter_(-1, top, True).reshape(out, k)
+    codes = packing.pack(mask, torch.full((out, k), sign > 0), n, m)
+    alpha = torch.rand(out, k // scale_block, generator=g) + 0.5
+    mu = -sign * alpha * (1 - 1e-3 * torch.rand(out, k // scale_block, generator=g))
+    x = torch.randn(9, k, generator=g).to(torch.bfloat16)
+    monkeypatch.setenv("PBS2P_KERNEL", "torch")
+    y = ops.bsp_linear(x, codes, alpha, mu, None, n, m, scale_block).double()
+    w_hat = packing.dequantize(codes, alpha.double(), mu.double(), n, m, scale_block, dtype=torch.float64)
+    exact = x.double() @ w_hat.T
+    ratio = ((y - exact).abs() / (ops.TOLERANCE[torch.bfloat16] * (x.double().abs() @ w_hat.abs().T))).max()
+    assert ratio <= 1.0, f"error {float(ratio):.3g} x the bf16 tolerance of |x| @ |W_hat|.T"
 
 
 def test_bf16_worst_case_rounding_is_within_the_contract(monkeypatch):
@@ -87,7 +111,7 @@ def test_bf16_worst_case_rounding_is_within_the_contract(monkeypatch):
     mu = (torch.rand(out, 1, generator=g) + 1).to(torch.bfloat16).float() * near_half
     x = (torch.rand(1, k, generator=g) + 0.5).to(torch.bfloat16)
     for path, y in every_path(x, codes, alpha, mu, None, 2, 4, k, monkeypatch).items():
-        ratio = contract_ratio(y, x, codes, alpha, mu, None, 2, 4, k, ops.TOLERANCE[torch.bfloat16])
+        ratio = fp64_contract_ratio(y, x, codes, alpha, mu, None, 2, 4, k, ops.TOLERANCE[torch.bfloat16])
         assert ratio <= 1.0, f"{path}: error {ratio:.3g} x the tolerance"
 
 
@@ -107,8 +131,22 @@ def test_contract_property(nm, out, groups, batch, dtype, scale_dtype, blocks_of
         with native.use_isa(isa):
             ys[isa] = torch.ops.pbs2p.bsp_linear(x, codes, alpha, mu, None, n, m, scale_block)
     for path, y in ys.items():
-        ratio = contract_ratio(y, x, codes, alpha, mu, None, n, m, scale_block, ops.TOLERANCE[dtype])
+        ratio = fp64_contract_ratio(y, x, codes, alpha, mu, None, n, m, scale_block, ops.TOLERANCE[dtype])
         assert ratio <= 1.0, f"{path}: error {ratio:.3g} x the tolerance"
+
+
+@pytest.mark.parametrize("mu_kind", ["small", "near-"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_the_library_states_the_same_contract(mu_kind, with_bias):
+    # pbs2p.kernels.reference.contract_ratio (used by the benchmarks) against the tests' own float64 product
+    from pbs2p.kernels.reference import contract_ratio
+
+    codes, alpha, mu = weight(40, 96, 4, 8, 24, mu_kind, 5)
+    x = torch.randn(6, 96, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    bias = torch.randn(40).to(torch.bfloat16) if with_bias else None
+    y = reference_linear(x, codes, alpha, mu, bias, 4, 8, 24)
+    args = (y, x, codes, alpha, mu, bias, 4, 8, 24, 1e-2)
+    assert contract_ratio(*args) == pytest.approx(fp64_contract_ratio(*args), rel=1e-9, abs=1e-12)
 
 
 # ------------------------------------------------------------------ NaN and Inf, the same on every path
@@ -180,40 +218,57 @@ print("BACKEND", ops.kernel_backend(), bool(torch.isfinite(y).all()))
 
 @pytest.fixture
 def copied_cache(tmp_path) -> Path:
-    """A copy of this installation's verified native build, in a cache of its own."""
+    """A copy of this installation's cached native build (the one this process loaded), in a cache of its own."""
     if not HAS_COMPILER or not native.load():
         pytest.skip("no native build here")
-    library = native.verified_library()
-    assert library is not None, "the loaded library does not match its record"
+    key = native._build_key()
+    library = native.cache_dir() / key / f"pbs2p_kernels_{key}.so"
+    assert library.is_file(), f"no cached library at {library}"
     root = tmp_path / "kernels"
-    shutil.copytree(library.parent, root / library.parent.name, ignore=shutil.ignore_patterns(".build-*", "*.lock"))
+    shutil.copytree(library.parent, root / key, ignore=shutil.ignore_patterns(".build-*", "*.lock"))
     return root
 
 
-def test_a_verified_cache_loads_without_building(copied_cache):
-    env = {**os.environ, "PBS2P_KERNEL_CACHE": str(copied_cache), "CXX": "/bin/false"}  # building would fail
+@pytest.fixture
+def cannot_build(tmp_path) -> dict[str, str]:
+    """An environment whose ``c++`` (the compiler a build uses) answers version queries but fails every compile and
+    link: a process that rebuilds fails at once; one that finds its build up to date goes on to load it."""
+    real = shutil.which("c++") or shutil.which("g++")
+    folder = tmp_path / "bin-g++"  # (torch warns unless the compiler's path names gcc or g++)
+    folder.mkdir()
+    fake = folder / "c++"
+    fake.write_text('#!/bin/sh\nfor arg in "$@"; do case "$arg" in -c|-o|-shared) '
+                    'echo "c++: no building in this test" >&2; exit 1;; esac; done\n'
+                    f'exec {real} "$@"\n')
+    fake.chmod(0o755)
+    env = {key: value for key, value in os.environ.items() if key != "CXX"}
+    return {**env, "PATH": f"{folder}{os.pathsep}{env.get('PATH', '')}"}
+
+
+def test_a_verified_cache_loads_without_building(copied_cache, cannot_build):
+    env = {**cannot_build, "PBS2P_KERNEL_CACHE": str(copied_cache)}
     result = _run(USE_OPS, env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "BACKEND native-" in result.stdout and "True" in result.stdout
 
 
 @pytest.mark.parametrize("damage", ["truncated", "zeroed", "record-changed", "record-missing"])
-def test_a_damaged_cached_library_is_never_loaded(copied_cache, damage):
-    # dlopen of a truncated library killed the process (SIGBUS) on every run; now it is never opened: the
-    # build is redone (here it fails at once, CXX=/bin/false) and the torch path runs.
+def test_a_damaged_cached_library_is_never_loaded(copied_cache, cannot_build, damage):
+    # dlopen of a truncated library killed the process (SIGBUS) on every run, because the build found it up to
+    # date; now it is never opened: the build is redone (here it fails at once) and the torch path runs.
     library = next(copied_cache.glob("*/pbs2p_kernels_*.so"))
-    record = library.parent / native.RECORD
     data = library.read_bytes()
     if damage == "truncated":
         library.write_bytes(data[: len(data) // 3])
     elif damage == "zeroed":
         library.write_bytes(bytes(len(data)))
     elif damage == "record-changed":
+        record = library.parent / native.RECORD
         entry = json.loads(record.read_text())
         record.write_text(json.dumps({**entry, "sha256": "0" * 64}))
     else:
-        record.unlink()
-    env = {**os.environ, "PBS2P_KERNEL_CACHE": str(copied_cache), "CXX": "/bin/false"}
+        (library.parent / native.RECORD).unlink()
+    env = {**cannot_build, "PBS2P_KERNEL_CACHE": str(copied_cache)}
     result = _run(USE_OPS, env)
     assert result.returncode == 0, f"exit {result.returncode}: {result.stderr[-3000:]}"
     assert "BACKEND torch True" in result.stdout, result.stdout + result.stderr[-2000:]
@@ -223,6 +278,7 @@ def test_a_damaged_cached_library_is_never_loaded(copied_cache, damage):
 
 
 def test_verified_library_checks_size_and_hash(copied_cache, monkeypatch):
+    assert native.verified_library() == native.library_path(), "the cached library does not match its record"
     monkeypatch.setenv("PBS2P_KERNEL_CACHE", str(copied_cache))
     library = native.verified_library()
     assert library is not None and library.parent.parent == copied_cache

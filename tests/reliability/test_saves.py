@@ -19,7 +19,7 @@ from helpers import tiny_llama
 
 import pbs2p
 from pbs2p import PBS2P
-from pbs2p_lab.assets import OutputFolderError, check_output_folder, load_model, save_compressed
+from pbs2p_lab.assets import load_model, save_compressed
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -104,6 +104,8 @@ def test_a_failed_save_leaves_the_old_folder_as_it_was(tmp_path, fails_in):
 
 @pytest.mark.parametrize("kind", ["file", "foreign-folder", "under-a-file"])
 def test_output_folders_that_are_not_ours_are_refused_before_any_work(tmp_path, kind):
+    from pbs2p_lab.assets import OutputFolderError, check_output_folder
+
     target = tmp_path / "target"
     if kind == "file":
         target.write_text("my notes")
