@@ -18,7 +18,7 @@ otherwise (a wrong result without an error, an unclear error, a crash).
   - a hypothesis fuzz of a saved checkpoint's bytes and safetensors metadata: every load must refuse with
     pbs2p's refusal (which names the tensor or file and the problem) or give exactly the original logits;
   - the kernel accuracy contract (``pbs2p.kernels.ops.TOLERANCE``) against the exact float64 product,
-    hypothesis examples on every path (torch, each native ISA, the bf16 BLAS path).
+    hypothesis examples on every path (torch, each native ISA, the BLAS paths).
 
 Writes ``benchmarks/results/reliability/reliability.{json,md}``.
 """
@@ -525,10 +525,10 @@ def kernel_contract(examples: int, seed: int) -> dict:
         for isa in paths[1:]:
             with native.use_isa(isa):
                 ys[isa] = torch.ops.pbs2p.bsp_linear(x, codes, alpha, mu, bias, n, m, scale_block)
-                if isa == "avx512" and dtype == torch.bfloat16:
+                if isa == "avx512" or dtype == torch.float32:
                     os.environ["PBS2P_BLAS_MIN_BATCH"] = "1"
                     try:
-                        ys["avx512-blas"] = torch.ops.pbs2p.bsp_linear(x, codes, alpha, mu, bias, n, m, scale_block)
+                        ys[f"{isa}-blas"] = torch.ops.pbs2p.bsp_linear(x, codes, alpha, mu, bias, n, m, scale_block)
                     finally:
                         del os.environ["PBS2P_BLAS_MIN_BATCH"]
         failed = False

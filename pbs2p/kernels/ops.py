@@ -19,9 +19,11 @@ The environment variable ``PBS2P_KERNEL`` selects the backend:
 * ``avx512``, ``avx2``, ``scalar``: the native operator with that ISA; raises if unavailable;
 * ``torch``: always the torch path.
 
-``PBS2P_BLAS_MIN_BATCH`` (tuning, tests) overrides the batch from which bfloat16 activations take
-the expand-to-bf16 + BLAS path of the native operator (default 48, AVX-512 CPUs with bf16 dot
-products only); below it, and for float32 activations at every batch, the lookup-table kernels run.
+From a batch of rows that depends on the ISA and the activations' dtype (:func:`blas_min_batch`), the
+native operator expands ``W_hat`` to the activations' dtype (rounded as the torch path rounds it) and
+calls the BLAS; below it the lookup-table kernels run. float32: from 32 rows with the AVX2 and scalar
+kernels, never with the AVX-512 ones (their tables are faster); bfloat16: from 48 rows on AVX-512 CPUs
+with bf16 dot products, never elsewhere. ``PBS2P_BLAS_MIN_BATCH`` (tuning, tests) overrides both.
 """
 
 from __future__ import annotations
@@ -80,6 +82,19 @@ def kernel_backend() -> str:
     if mode in ("avx512", "avx2", "scalar") and native.isa() != mode:
         native.set_isa(mode)
     return f"native-{native.isa()}"
+
+
+def blas_min_batch(dtype: torch.dtype) -> int | None:
+    """Rows from which the native operator multiplies activations of ``dtype`` with the BLAS (``W_hat`` expanded)
+    instead of the lookup tables; ``None`` if it never does (or the native operator does not run).
+
+    >>> blas_min_batch(torch.float16) is None  # float16 activations run the torch path
+    True
+    """
+    if dtype not in (torch.float32, torch.bfloat16) or not kernel_backend().startswith("native"):
+        return None
+    rows = torch.ops.pbs2p._blas_min_batch(dtype == torch.bfloat16)
+    return None if rows >= 2**62 else rows
 
 
 def native_unsupported(

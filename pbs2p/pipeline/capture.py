@@ -77,7 +77,6 @@ class StopAt:
     def __init__(self, linears: dict[str, torch.nn.Module], stop_at: str | None) -> None:
         self.linears, self.stop_at = linears, stop_at
         self.seen: list[tuple[str, torch.Tensor]] = []
-        self.output: torch.Tensor | None = None  # the block's output, when the forward ran to its end
 
     def run(self, block: torch.nn.Module, x: torch.Tensor, call: BlockCall) -> list[tuple[str, torch.Tensor]]:
         def hook(name: str, args: tuple) -> None:
@@ -89,8 +88,7 @@ class StopAt:
         handles = [lin.register_forward_pre_hook(lambda _m, a, name=name: hook(name, a))
                    for name, lin in self.linears.items()]
         try:
-            out = block(x, *call.args, **call.kwargs)
-            self.output = out[0] if isinstance(out, tuple) else out
+            block(x, *call.args, **call.kwargs)
         except _Stop:
             pass
         finally:

@@ -5,10 +5,9 @@ output also depends on how the errors of its linears interact through attention 
 which no per-linear fit sees. Here masks and signs stay fixed (the packed codes and the storage do not
 change) and only the scales move: ``α = α₀·exp(s)``, ``μ = μ₀·exp(s) + t·c`` (``c``: the mean magnitude of
 the kept weights there) with ``s, t`` started at 0 and trained with Adam to minimise the mean squared
-error between the block's output and the uncompressed block's output on the same inputs. The first
-pass measures every batch at the untuned scales before it steps, which gives the untuned block error
-for free. The tuned scales are kept only if they are finite and the block's error went down; otherwise
-the block keeps its untuned scales and a warning names the block (and the linear whose scales went bad).
+error between the block's output and the uncompressed block's output on the same inputs. The tuned
+scales are kept only if they are finite and the block's error went down; otherwise the block keeps its
+untuned scales and a warning names the block (and the linear whose scales went bad).
 """
 
 from __future__ import annotations
@@ -110,15 +109,12 @@ def tune_block_scales(runner, i: int, linears: dict[str, tuple], targets, tuning
     ``linears`` maps names to ``(linear, Compressed)`` (what the linear holds and represents); ``targets[b]`` is the
     output block ``i`` should give for this rank's batch ``b``. Returns what happened (block errors before and
     after, first and last pass losses, whether the tuned scales were kept) and the block's outputs with the
-    scales it keeps.
-
-    Adam takes one step per batch and pass. The first pass computes every batch's loss and gradients at the
-    untuned scales, then takes its steps: its losses are the untuned block error, so no extra forward is
-    needed to judge the result. Later passes step on each batch's gradients at the current scales. With
-    several ranks, the rank of each batch computes its loss and gradients and broadcasts them, so every
-    rank takes the steps one process would.
+    scales it keeps. Adam steps on the batches in order; with several ranks, the rank of each batch computes
+    its step's loss and gradients and broadcasts them, so every rank takes the steps one process would.
     """
     block, inputs, calls, ranks = runner.block(i), runner.hidden, runner.calls[i], runner.ranks
+    untuned = runner.run_block(i, inputs)
+    before = _mse(runner, untuned, targets)
     params = {}
     for name, (lin, compressed) in linears.items():
         params[name] = _Tunable(lin, compressed.expanded())
@@ -131,39 +127,29 @@ def tune_block_scales(runner, i: int, linears: dict[str, tuple], targets, tuning
     for sb in params.values():
         sb.attach()
     losses: list[list[float]] = []
-    squares: dict[int, float] = {}  # batch -> sum of squared errors at the untuned scales (this rank's batches)
     problem = None
     try:
         with torch.enable_grad():
-            for step in range(tuning.steps):
+            for _ in range(tuning.steps):
                 losses.append([])
-                grads = []
                 for b in range(ranks.total):
                     opt.zero_grad(set_to_none=True)
-                    loss = _step_loss(block, ranks, b, inputs, calls, targets, squares if step == 0 else None)
+                    loss = _step_loss(block, ranks, b, inputs, calls, targets)
                     loss = _shared_step(ranks, b, loss, tensors, runner.device)
                     if not math.isfinite(loss):
                         problem = f"the tuning loss became {loss}"
                         break
+                    opt.step()
                     losses[-1].append(loss)
-                    if step == 0:  # every batch at the untuned scales first: its steps come after the pass
-                        grads.append([p.grad for p in tensors])
-                    else:
-                        opt.step()
                 if problem:
                     break
-                for grad in grads:
-                    for p, g in zip(tensors, grad, strict=True):
-                        p.grad = g
-                    opt.step()
     finally:
         for sb in params.values():
             sb.detach()
         for p in frozen:
             p.requires_grad_(True)
-    record = {"before": math.nan, "first_pass": _mean(losses[0]), "last_pass": _mean(losses[-1]), "kept": False}
+    record = {"before": before, "first_pass": _mean(losses[0]), "last_pass": _mean(losses[-1]), "kept": False}
     if problem is None:
-        record["before"] = _mean_error(runner, squares, targets)
         packed = {name: sb.result() for name, sb in params.items()}
         bad = [name for name, w in packed.items() if not _finite(w)]
         if bad:
@@ -174,34 +160,28 @@ def tune_block_scales(runner, i: int, linears: dict[str, tuple], targets, tuning
                 runner.set_weight(lin, packed[name])
             outputs = runner.run_block(i, inputs)
             record["after"] = _mse(runner, outputs, targets)
-            if record["after"] < record["before"]:
+            if record["after"] < before:
                 record["kept"] = True
+                untuned.release()
                 return record, outputs
             outputs.release()
-            problem = f"the block error did not go down ({record['before']:.4g} -> {record['after']:.4g})"
+            problem = f"the block error did not go down ({before:.4g} -> {record['after']:.4g})"
             for name, (lin, _) in linears.items():
                 lin.weight = untuned_weights[name]
     log.warning("scale tuning of block %d refused: %s; the block keeps its untuned scales", i, problem)
     record["refused"] = problem
-    untuned = runner.run_block(i, inputs)
-    if math.isnan(record["before"]):
-        record["before"] = _mse(runner, untuned, targets)
     return record, untuned
 
 
-def _step_loss(block, ranks, b: int, inputs, calls, targets, squares: dict[int, float] | None) -> float | None:
-    """The loss of batch ``b`` (its gradients accumulated) on the rank that holds it; ``None`` elsewhere.
-    ``squares`` (if given) receives the batch's sum of squared errors."""
+def _step_loss(block, ranks, b: int, inputs, calls, targets) -> float | None:
+    """The loss of batch ``b`` (its gradients accumulated) on the rank that holds it; ``None`` elsewhere."""
     if not ranks.mine(b):
         return None
     k = ranks.local(b)
     call = calls[k]
     out = block(inputs[k], *call.args, **call.kwargs)
-    out = (out[0] if isinstance(out, tuple) else out).float()
-    loss = F.mse_loss(out, targets[k].float())
+    loss = F.mse_loss((out[0] if isinstance(out, tuple) else out).float(), targets[k].float())
     value = loss.item()
-    if squares is not None:
-        squares[b] = float(F.mse_loss(out.detach(), targets[k].float(), reduction="sum"))
     if math.isfinite(value):
         loss.backward()
     return value
@@ -231,12 +211,7 @@ def _mean(values: list[float]) -> float:
 
 def _mse(runner, outputs, targets) -> float:
     """Mean squared difference of a block's outputs and their targets over all batches (of every rank)."""
-    squares = {b: float(F.mse_loss(o.float(), y.float(), reduction="sum"))
-               for b, o, y in zip(runner.ranks.batches, outputs, targets, strict=True)}
-    return _mean_error(runner, squares, targets)
-
-
-def _mean_error(runner, squares: dict[int, float], targets) -> float:
-    """The mean squared error of all batches (of every rank) from each batch's sum of squared errors."""
-    total = sum(runner.ranks.gather(squares))
+    sums = {b: float(F.mse_loss(o.float(), y.float(), reduction="sum"))
+            for b, o, y in zip(runner.ranks.batches, outputs, targets, strict=True)}
+    total = sum(runner.ranks.gather(sums))
     return total / max(runner.ranks.total_count(sum(y.numel() for y in targets)), 1)

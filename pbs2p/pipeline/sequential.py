@@ -273,34 +273,28 @@ class SequentialRunner:
         return [list(g) for g in self._stage_cache[key]]
 
     def _inputs(self, i: int, x: torch.Tensor, call: BlockCall, linears: dict[str, torch.nn.Linear],
-                stop_at: str | None, ordered: bool = False, outputs: Activations | None = None):
+                stop_at: str | None, ordered: bool = False):
         """Run block ``i`` on ``x`` and return the inputs of ``linears`` (by name, or in call order with
-        ``ordered``), stopping once ``stop_at`` is reached; without ``stop_at``, the block's output is
-        appended to ``outputs`` (if given)."""
-        stopper = StopAt(linears, stop_at)
-        seen = stopper.run(self.block(i), x, call)
-        if outputs is not None:
-            outputs.append(stopper.output)
+        ``ordered``), stopping once ``stop_at`` is reached."""
+        seen = StopAt(linears, stop_at).run(self.block(i), x, call)
         missing = sorted(set(linears) - {n for n, _ in seen}) if stop_at is None else []
         if missing:
             raise RuntimeError(f"linears {missing} were not called in their block's forward")
         return seen if ordered else dict(seen)
 
     @torch.no_grad()
-    def hessians(self, i: int, linears: dict[str, torch.nn.Linear], stop_at: str | None = None,
-                 outputs: Activations | None = None) -> dict[str, torch.Tensor]:
+    def hessians(self, i: int, linears: dict[str, torch.nn.Linear], stop_at: str | None = None
+                 ) -> dict[str, torch.Tensor]:
         """``H = 2X̂ᵀX̂/n`` of every linear's input (linears fed the same tensor share one accumulator).
 
         ``X̂`` are the inputs block ``i`` receives now (earlier blocks, and whatever linears of this block
-        were already replaced, compressed). The block forward stops at ``stop_at`` (the last linear needed);
-        with ``outputs`` it runs to the end instead and the block's outputs are appended there.
+        were already replaced, compressed). The block forward stops at ``stop_at`` (the last linear needed).
         With several ranks, each accumulates its batches and the sums are all-reduced.
         """
         owner: dict[str, str] = {}
         acc: dict[str, HessianAccumulator] = {}
-        stop_at = None if outputs is not None else stop_at
         for x, call in zip(self.hidden, self.calls[i], strict=True):
-            seen = self._inputs(i, x, call, linears, stop_at, outputs=outputs)
+            seen = self._inputs(i, x, call, linears, stop_at)
             if not owner:  # first batch: group the linears by the identity of their input tensor
                 for name, tensor in seen.items():
                     owner[name] = next((o for o in owner.values() if seen[o] is tensor), name)
@@ -379,15 +373,11 @@ class SequentialRunner:
             originals = {name: lin.weight for name, lin in linears.items()}
             # what a block of this source keeps of its original weights only until each is compressed
             transient = block is not self.blocks[i] or not self.source.restores_in_place
-            # with tuning: the uncompressed block's outputs, from the first stage's statistics pass run to the end
-            target = self._store() if tuning is not None and linears else None
+            target = self.run_block(i, self.hidden) if tuning is not None and linears else None  # uncompressed
             errors, parts = {}, {}
             order = self.stages(i, linears) if linears else []
-            if order and not true_sequential:
-                order = [[name for group in order for name in group]]
-            for k, stage in enumerate(order):
-                hessians = self.hessians(i, {name: linears[name] for name in stage}, stop_at=stage[-1],
-                                         outputs=target if k == 0 else None)
+            for stage in (order if true_sequential else [[name for group in order for name in group]]) if order else []:
+                hessians = self.hessians(i, {name: linears[name] for name in stage}, stop_at=stage[-1])
                 results = {name: compress(i, name, linears[name], hessians[name])
                            for j, name in enumerate(stage) if self.ranks.mine(j)}
                 results = self._share(stage, results)

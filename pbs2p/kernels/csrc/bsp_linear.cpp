@@ -1,6 +1,6 @@
 // pbs2p::bsp_linear, the CPU operator on packed 1-bit N:M weights (format v1).
 //
-// Lookup-table path (every ISA; float32 activations at any batch, bfloat16 below the BLAS batch):
+// Lookup-table path (every ISA, below the BLAS batch):
 // y[b, r] = sum over scale blocks of (mu - alpha) * sum_{c in S} x[b, c] + 2 alpha * sum_{c in P} x[b, c]
 // where S are the kept columns of row r and P the kept columns with sign +1, both read from
 // tables of activation subset sums (see kernels.h). Loop nest, per pass of <= 64 batch rows:
@@ -12,8 +12,9 @@
 //
 // A tile's outputs accumulate in fp32 across chunks and are written (+ bias, cast) at the end.
 //
-// BLAS path (bfloat16 activations from blas_min_batch rows, AVX-512 with bf16 dot products): expand
-// W_hat to bfloat16 16 MB at a time, exactly as the torch path rounds it, and call at::linear.
+// BLAS path (float32 activations from blas_min_batch rows on every ISA; bfloat16 ones from theirs on
+// AVX-512 with bf16 dot products): expand W_hat to the activations' dtype 64 MB at a time, exactly as
+// the torch path rounds it, and call at::linear.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -25,6 +26,7 @@
 #include <cstdlib>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "kernels.h"
@@ -43,13 +45,14 @@ struct IsaOps {
   void (*decode)(const NMTables&, const uint8_t*, int64_t, uint32_t*);
   void (*lookup)(const LookupArgs&);
   void (*expand_bf16)(const ExpandArgs&);
+  void (*expand_f32)(const ExpandArgs&);
 };
 
 IsaOps isa_ops(int isa) {
   switch (isa) {
-    case kAvx512: return {avx512::kMaxNb, avx512::table_floats, avx512::build_tables, avx512::decode, avx512::lookup, avx512::expand_bf16};
-    case kAvx2: return {avx2::kMaxNb, avx2::table_floats, avx2::build_tables, avx2::decode, avx2::lookup, avx2::expand_bf16};
-    default: return {scalar::kMaxNb, scalar::table_floats, scalar::build_tables, scalar::decode, scalar::lookup, scalar::expand_bf16};
+    case kAvx512: return {avx512::kMaxNb, avx512::table_floats, avx512::build_tables, avx512::decode, avx512::lookup, avx512::expand_bf16, avx512::expand_f32};
+    case kAvx2: return {avx2::kMaxNb, avx2::table_floats, avx2::build_tables, avx2::decode, avx2::lookup, avx2::expand_bf16, avx2::expand_f32};
+    default: return {scalar::kMaxNb, scalar::table_floats, scalar::build_tables, scalar::decode, scalar::lookup, scalar::expand_bf16, scalar::expand_f32};
   }
 }
 
@@ -161,7 +164,7 @@ void write_tile(const float* acc, int64_t nb, int64_t out, int64_t tile, const f
 
 constexpr int64_t kGroupsPerDecode = 32;        // D buffer: 8 KB, stays in L1 with its tables
 constexpr int64_t kGroupsPerExpand = 128;       // rows written 128 * m * 2 bytes at a time
-constexpr int64_t kExpandBytes = 64 << 20;      // bf16 W_hat expanded per GEMM call
+constexpr int64_t kExpandBytes = 64 << 20;      // W_hat expanded per GEMM call
 constexpr int64_t kTableBytesPerChunk = 256 << 10;
 constexpr int64_t kMaxBatchPerPass = 64;        // bounds the tables: 64 bytes per 4 activations per row
 constexpr int64_t kParallelWork = 1 << 21;      // below (about 50 us of work) waking helpers costs more
@@ -180,15 +183,19 @@ struct Problem {
   int threads;
 };
 
-// Batch from which bf16 activations take the expand + BLAS path (measured on Zen 5, 2 cores);
-// PBS2P_BLAS_MIN_BATCH overrides it (tests, tuning).
-// Only with the AVX-512 kernels, and where oneDNN has native bf16 dot products.
-int64_t blas_min_batch(const Problem& p) {
+// Batch from which activations take the expand + BLAS path; PBS2P_BLAS_MIN_BATCH overrides it (tests, tuning).
+// float32: from 32 rows with the AVX2 and scalar kernels (measured on 2 AVX2 cores: at 32 rows the BLAS
+// path is as fast as the tables for 4096 x 4096 and about twice as fast for 576 x 1536); never with the
+// AVX-512 kernels, whose tables beat float32 BLAS at batch 128 (measured on Zen 5, 2 cores).
+// bfloat16: from 48 rows with the AVX-512 kernels where oneDNN has native bf16 dot products (Zen 5).
+int64_t blas_min_batch(int isa, bool bf16) {
   if (const char* env = std::getenv("PBS2P_BLAS_MIN_BATCH")) return std::atoll(env);
+  if (!bf16) return isa == kAvx512 ? INT64_MAX : 32;
   static const bool bf16_dot = __builtin_cpu_supports("avx512bf16");
-  if (p.isa != kAvx512 || !bf16_dot) return INT64_MAX;
-  return 48;
+  return isa == kAvx512 && bf16_dot ? 48 : INT64_MAX;
 }
+
+int64_t current_blas_min_batch(bool bf16) { return blas_min_batch(current_isa().load(), bf16); }
 
 void prepare_scales(const Problem& p, int64_t tile, int64_t blk_a, int64_t blk_b, float* sc) {
   switch (p.scale_type) {
@@ -306,63 +313,74 @@ void lut_pass(const Problem& p, const void* x, int64_t nb, T* y) {
   });
 }
 
-// bf16 bits of the weights of this tile's rows, all blocks: [blk][2][64] = (w+, w-), rounded the
-// way the torch path rounds them: w+- = bf16(+-bf16(alpha) + bf16(mu)).
-template <typename T>
-void prepare_bf16_weights_t(const T* alpha, const T* mu, int64_t n_blocks, int64_t out, int64_t tile,
-                            uint16_t* w) {
+// The two values of this tile's kept weights, all blocks: [blk][2][64] = (w+, w-) = (mu + alpha, mu - alpha),
+// rounded the way the torch path rounds W_hat for activations of type T: computed in float32 from the
+// stored scales, then rounded to T (for bf16, W = bf16(bf16(mu) +- bf16(alpha)), see below).
+template <typename T, typename S>
+void prepare_weights_t(const S* alpha, const S* mu, int64_t n_blocks, int64_t out, int64_t tile, T* w) {
   for (int64_t blk = 0; blk < n_blocks; ++blk) {
-    uint16_t* wb = w + blk * 2 * kTileRows;
+    T* wb = w + blk * 2 * kTileRows;
     for (int r = 0; r < kTileRows; ++r) {
       const int64_t row = tile * kTileRows + r;
       float a = 0.0f, u = 0.0f;
       if (row < out) {
-        a = static_cast<float>(static_cast<at::BFloat16>(static_cast<float>(alpha[row * n_blocks + blk])));
-        u = static_cast<float>(static_cast<at::BFloat16>(static_cast<float>(mu[row * n_blocks + blk])));
+        a = static_cast<float>(alpha[row * n_blocks + blk]);
+        u = static_cast<float>(mu[row * n_blocks + blk]);
       }
-      wb[r] = static_cast<at::BFloat16>(u + a).x;
-      wb[kTileRows + r] = static_cast<at::BFloat16>(u - a).x;
+      if constexpr (std::is_same_v<T, float>) {
+        wb[r] = u + a;
+        wb[kTileRows + r] = u - a;
+      } else {  // bf16 bits, from scales rounded to bf16 first
+        a = static_cast<float>(static_cast<at::BFloat16>(a));
+        u = static_cast<float>(static_cast<at::BFloat16>(u));
+        wb[r] = static_cast<at::BFloat16>(u + a).x;
+        wb[kTileRows + r] = static_cast<at::BFloat16>(u - a).x;
+      }
     }
   }
 }
 
-void prepare_bf16_weights(const Problem& p, int64_t tile, uint16_t* w) {
+template <typename T>
+void prepare_weights(const Problem& p, int64_t tile, T* w) {
   switch (p.scale_type) {
     case at::kBFloat16:
-      prepare_bf16_weights_t(static_cast<const at::BFloat16*>(p.alpha), static_cast<const at::BFloat16*>(p.mu),
-                             p.n_blocks, p.out, tile, w);
+      prepare_weights_t(static_cast<const at::BFloat16*>(p.alpha), static_cast<const at::BFloat16*>(p.mu),
+                        p.n_blocks, p.out, tile, w);
       break;
     case at::kHalf:
-      prepare_bf16_weights_t(static_cast<const at::Half*>(p.alpha), static_cast<const at::Half*>(p.mu), p.n_blocks,
-                             p.out, tile, w);
+      prepare_weights_t(static_cast<const at::Half*>(p.alpha), static_cast<const at::Half*>(p.mu), p.n_blocks,
+                        p.out, tile, w);
       break;
     default:
-      prepare_bf16_weights_t(static_cast<const float*>(p.alpha), static_cast<const float*>(p.mu), p.n_blocks,
-                             p.out, tile, w);
+      prepare_weights_t(static_cast<const float*>(p.alpha), static_cast<const float*>(p.mu), p.n_blocks, p.out,
+                        tile, w);
   }
 }
 
-// Prefill with bf16 activations: expand W_hat to bf16, up to 64 MB of rows at a time, and let the
+// Prefill: expand W_hat (T = uint16_t: bf16 bits, or float), up to 64 MB of rows at a time, and let the
 // BLAS (oneDNN) multiply, exactly as the torch path does with the whole W_hat.
-void blas_pass(const Problem& p, const at::Tensor& x2d, const at::Tensor& bias_bf16, at::Tensor& y2d) {
-  static thread_local Scratch<uint16_t> wscratch;
+template <typename T>
+void blas_pass(const Problem& p, const at::Tensor& x2d, const at::Tensor& bias, at::Tensor& y2d) {
+  static thread_local Scratch<T> wscratch;
   const NMTables& t = *p.t;
   const int64_t K = p.K, G = p.G;
+  const at::ScalarType dtype = std::is_same_v<T, float> ? at::kFloat : at::kBFloat16;
+  const auto expand = std::is_same_v<T, float> ? p.ops.expand_f32 : p.ops.expand_bf16;
   // Few large chunks: each GEMM is an OpenMP region, whose closing barrier costs a scheduler time
   // slice whenever one of its threads has been descheduled (a shared machine). The buffer is kept
   // for the next call (page-faulting tens of MB in again would cost more than the expansion).
-  const int64_t tiles_per_chunk = std::max<int64_t>(1, kExpandBytes / (kTileRows * K * 2));
-  uint16_t* wbuf = wscratch.get(tiles_per_chunk * kTileRows * K);
+  const int64_t tiles_per_chunk = std::max<int64_t>(1, kExpandBytes / (kTileRows * K * sizeof(T)));
+  T* wbuf = wscratch.get(std::min(tiles_per_chunk, p.tiles) * kTileRows * K);
   for (int64_t t0 = 0; t0 < p.tiles; t0 += tiles_per_chunk) {
     const int64_t t1 = std::min(p.tiles, t0 + tiles_per_chunk);
     const int64_t row0 = t0 * kTileRows, rows = std::min(p.out, t1 * kTileRows) - row0;
     parallel_items(t1 - t0, p.threads, [&](int64_t i) {
       static thread_local Scratch<uint32_t> dscratch;
-      static thread_local Scratch<uint16_t> sscratch;
+      static thread_local Scratch<T> sscratch;
       const int64_t tile = t0 + i;
       uint32_t* dbuf = dscratch.get(kGroupsPerExpand * kTileRows);
-      uint16_t* w = sscratch.get(p.n_blocks * 2 * kTileRows);
-      prepare_bf16_weights(p, tile, w);
+      T* w = sscratch.get(p.n_blocks * 2 * kTileRows);
+      prepare_weights(p, tile, w);
       for (int64_t g = 0; g < G; g += kGroupsPerExpand) {
         ExpandArgs a;
         a.D = dbuf;
@@ -376,12 +394,11 @@ void blas_pass(const Problem& p, const at::Tensor& x2d, const at::Tensor& bias_b
         a.ld = K;
         a.rows = static_cast<int>(std::min<int64_t>(kTileRows, p.out - tile * kTileRows));
         p.ops.decode(t, p.codes + (tile * G + g) * t.block_bytes, a.ng, dbuf);
-        p.ops.expand_bf16(a);
+        expand(a);
       }
     }, /*linger=*/false);
-    const at::Tensor wc = at::from_blob(wbuf, {rows, K}, at::TensorOptions().dtype(at::kBFloat16));
-    const at::Tensor yc =
-        bias_bf16.defined() ? at::linear(x2d, wc, bias_bf16.narrow(0, row0, rows)) : at::linear(x2d, wc);
+    const at::Tensor wc = at::from_blob(wbuf, {rows, K}, at::TensorOptions().dtype(dtype));
+    const at::Tensor yc = bias.defined() ? at::linear(x2d, wc, bias.narrow(0, row0, rows)) : at::linear(x2d, wc);
     y2d.narrow(1, row0, rows).copy_(yc);
   }
 }
@@ -460,9 +477,15 @@ at::Tensor bsp_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at
   const int64_t work = tiles * kTileRows * G * (std::min(B, kMaxBatchPerPass) + 4);
   p.threads = work >= kParallelWork && !at::in_parallel_region() ? at::get_num_threads() : 1;
 
-  if (x.scalar_type() == at::kBFloat16 && B >= blas_min_batch(p)) {
+  if (B >= blas_min_batch(p.isa, x.scalar_type() == at::kBFloat16)) {
     at::Tensor y2d = y.view({B, out});
-    blas_pass(p, x.reshape({B, K}).contiguous(), bias.has_value() ? bias->to(at::kBFloat16) : at::Tensor(), y2d);
+    const at::Tensor x2d = x.reshape({B, K}).contiguous();
+    const at::Tensor bias_x = bias.has_value() ? bias->to(x.scalar_type()) : at::Tensor();
+    if (x.scalar_type() == at::kFloat) {
+      blas_pass<float>(p, x2d, bias_x, y2d);
+    } else {
+      blas_pass<uint16_t>(p, x2d, bias_x, y2d);
+    }
     return y;
   }
   const at::Tensor xc = x.reshape({B, K}).contiguous();
@@ -488,6 +511,7 @@ TORCH_LIBRARY_FRAGMENT(pbs2p, lib) {
   lib.def("_kernel_isa() -> str", &pbs2p::kernel_isa);
   lib.def("_set_kernel_isa(str isa) -> str", &pbs2p::set_kernel_isa);
   lib.def("_supported_kernel_isas() -> str[]", &pbs2p::supported_kernel_isas);
+  lib.def("_blas_min_batch(bool bf16) -> int", &pbs2p::current_blas_min_batch);
 }
 
 TORCH_LIBRARY_IMPL(pbs2p, CPU, lib) { lib.impl("bsp_linear", &pbs2p::bsp_linear_cpu); }

@@ -59,21 +59,22 @@ struct LookupArgs {
   float* acc;             // [nb][64] running outputs of the tile (in/out)
 };
 
-// One call of the bf16 expansion (the prefill path): writes the dense bf16 W_hat of `ng` decoded
-// groups of one row tile, W_hat = S ? (P ? w+ : w-) : 0 per weight.
+// One call of the expansion (the prefill path): writes the dense W_hat of `ng` decoded groups of one
+// row tile, W_hat = S ? (P ? w+ : w-) : 0 per weight, as bf16 (bits) or float32 elements.
 struct ExpandArgs {
   const uint32_t* D;      // [ng][64] decoded rows
   int64_t ng;
   int m;
-  const uint16_t* w;      // this tile's blocks from blk0 on, bf16 bits: [blk][2][64] = (w+, w-)
+  const void* w;          // this tile's blocks from blk0 on, as the output's elements: [blk][2][64] = (w+, w-)
   int64_t g_abs;          // absolute group index of D[0]
   int64_t blk0, gpb;
-  uint16_t* out;          // element (row 0, column g_abs * m) of the tile
+  void* out;              // element (row 0, column g_abs * m) of the tile
   int64_t ld;             // elements from one row to the next
   int rows;               // rows to write (<= 64)
 };
 
 void expand_bf16_generic(const ExpandArgs& a);
+void expand_f32_generic(const ExpandArgs& a);
 
 // Every ISA provides the same functions; the driver (bsp_linear.cpp) picks one set.
 //   table_floats: floats of the tables of one (group, batch row)
@@ -82,6 +83,7 @@ void expand_bf16_generic(const ExpandArgs& a);
 //   decode:       blocks -> D
 //   lookup:       D + tables -> acc
 //   expand_bf16:  D -> bf16 W_hat rows
+//   expand_f32:   D -> float32 W_hat rows
 #define PBS2P_DECLARE_ISA(ns)                                                                 \
   namespace ns {                                                                              \
   extern const int kMaxNb;                                                                    \
@@ -91,6 +93,7 @@ void expand_bf16_generic(const ExpandArgs& a);
   void decode(const NMTables& t, const uint8_t* blocks, int64_t ng, uint32_t* D);            \
   void lookup(const LookupArgs& a);                                                           \
   void expand_bf16(const ExpandArgs& a);                                                      \
+  void expand_f32(const ExpandArgs& a);                                                       \
   }
 
 PBS2P_DECLARE_ISA(scalar)

@@ -118,6 +118,39 @@ void lookup(const LookupArgs& a) {
 
 void expand_bf16(const ExpandArgs& a) { expand_bf16_generic(a); }
 
+// 4 columns of one row: bit j of s selects column j kept, bit j of p its sign.
+static inline __m128 expand4(uint32_t s, uint32_t p, __m128 plus, __m128 minus) {
+  const __m128i bits = _mm_setr_epi32(1, 2, 4, 8);
+  const __m128i kept = _mm_cmpeq_epi32(_mm_and_si128(_mm_set1_epi32(static_cast<int>(s)), bits), bits);
+  const __m128i pos = _mm_cmpeq_epi32(_mm_and_si128(_mm_set1_epi32(static_cast<int>(p)), bits), bits);
+  return _mm_and_ps(_mm_blendv_ps(minus, plus, _mm_castsi128_ps(pos)), _mm_castsi128_ps(kept));
+}
+
+// 8 columns of one row, the same way.
+static inline __m256 expand8(uint32_t s, uint32_t p, __m256 plus, __m256 minus) {
+  const __m256i bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256i kept = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(s)), bits), bits);
+  const __m256i pos = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(p)), bits), bits);
+  return _mm256_and_ps(_mm256_blendv_ps(minus, plus, _mm256_castsi256_ps(pos)), _mm256_castsi256_ps(kept));
+}
+
+void expand_f32(const ExpandArgs& a) {
+  for (int64_t g = 0; g < a.ng; ++g) {
+    const float* w = static_cast<const float*>(a.w) + ((a.g_abs + g) / a.gpb - a.blk0) * 2 * kTileRows;
+    const uint32_t* d = a.D + g * kTileRows;
+    float* o = static_cast<float*>(a.out) + g * a.m;
+    for (int r = 0; r < a.rows; ++r, o += a.ld) {
+      const uint32_t s = d[r] & 0xFFFF, p = d[r] >> 16;
+      if (a.m == 4) {
+        _mm_storeu_ps(o, expand4(s, p, _mm_set1_ps(w[r]), _mm_set1_ps(w[kTileRows + r])));
+        continue;
+      }
+      const __m256 plus = _mm256_set1_ps(w[r]), minus = _mm256_set1_ps(w[kTileRows + r]);
+      for (int c = 0; c < a.m; c += 8) _mm256_storeu_ps(o + c, expand8(s >> c, p >> c, plus, minus));
+    }
+  }
+}
+
 }  // namespace pbs2p::avx2
 
 #pragma GCC pop_options

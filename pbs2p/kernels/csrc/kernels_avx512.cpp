@@ -299,10 +299,10 @@ static void expand_m(const ExpandArgs& a) {
       }
     }
     for (int r = 0; r < a.rows; ++r) {
-      uint16_t* o = a.out + r * a.ld + u0 * 32;
+      uint16_t* o = static_cast<uint16_t*>(a.out) + r * a.ld + u0 * 32;
       for (int64_t u = 0; u < nu; ++u) {
         const int64_t g = a.g_abs + (u0 + u) * kGroups;
-        const uint16_t* w = a.w + (g / a.gpb - a.blk0) * 2 * kTileRows;
+        const uint16_t* w = static_cast<const uint16_t*>(a.w) + (g / a.gpb - a.blk0) * 2 * kTileRows;
         const __m512i v = _mm512_mask_blend_epi16(static_cast<__mmask32>(pm[u * 64 + r]),
                                                   _mm512_set1_epi16(static_cast<short>(w[kTileRows + r])),
                                                   _mm512_set1_epi16(static_cast<short>(w[r])));
@@ -315,7 +315,7 @@ static void expand_m(const ExpandArgs& a) {
     rest.D = a.D + units * kGroups * kTileRows;
     rest.ng = a.ng - units * kGroups;
     rest.g_abs = a.g_abs + units * kGroups;
-    rest.out = a.out + units * 32;
+    rest.out = static_cast<uint16_t*>(a.out) + units * 32;
     expand_bf16_generic(rest);
   }
 }
@@ -332,6 +332,9 @@ void expand_bf16(const ExpandArgs& a) {
     expand_m<16>(a);
   }
 }
+
+// float32 W_hat: the AVX2 expansion.
+void expand_f32(const ExpandArgs& a) { avx2::expand_f32(a); }
 
 }  // namespace pbs2p::avx512
 

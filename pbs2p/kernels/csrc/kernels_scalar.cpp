@@ -72,5 +72,6 @@ void lookup(const LookupArgs& a) {
 }
 
 void expand_bf16(const ExpandArgs& a) { expand_bf16_generic(a); }
+void expand_f32(const ExpandArgs& a) { expand_f32_generic(a); }
 
 }  // namespace pbs2p::scalar

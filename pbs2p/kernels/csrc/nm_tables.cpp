@@ -187,17 +187,22 @@ void decode_generic(const NMTables& t, const uint8_t* blocks, int64_t ng, uint32
   }
 }
 
-void expand_bf16_generic(const ExpandArgs& a) {
+template <typename T>
+static void expand_generic(const ExpandArgs& a) {
   for (int64_t g = 0; g < a.ng; ++g) {
-    const uint16_t* w = a.w + ((a.g_abs + g) / a.gpb - a.blk0) * 2 * kTileRows;
+    const T* w = static_cast<const T*>(a.w) + ((a.g_abs + g) / a.gpb - a.blk0) * 2 * kTileRows;
     for (int r = 0; r < a.rows; ++r) {
       const uint32_t d = a.D[g * kTileRows + r];
-      uint16_t* o = a.out + r * a.ld + g * a.m;
+      const T plus = w[r], minus = w[kTileRows + r];
+      T* o = static_cast<T*>(a.out) + r * a.ld + g * a.m;
       for (int j = 0; j < a.m; ++j) {
-        o[j] = (d >> j & 1) ? (d >> (16 + j) & 1 ? w[r] : w[kTileRows + r]) : 0;
+        o[j] = (d >> j & 1) ? (d >> (16 + j) & 1 ? plus : minus) : T(0);
       }
     }
   }
 }
+
+void expand_bf16_generic(const ExpandArgs& a) { expand_generic<uint16_t>(a); }
+void expand_f32_generic(const ExpandArgs& a) { expand_generic<float>(a); }
 
 }  // namespace pbs2p

@@ -116,6 +116,38 @@ def test_bf16_prefill_path(monkeypatch, n, m, scale_block):
 
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("n", "m", "scale_block"), [(4, 8, 128), (2, 4, 4), (1, 4, 768), (8, 16, 64), (5, 8, 2000)])
+def test_f32_prefill_path_is_the_torch_path(monkeypatch, isa, scale_dtype, n, m, scale_block):
+    # float32 activations from PBS2P_BLAS_MIN_BATCH rows on take the expand + BLAS path on every ISA:
+    # W_hat expanded exactly as the torch path computes it, so the output is the torch path's, bit for bit.
+    if isa not in isas():
+        pytest.skip(f"this CPU has no {isa}")
+    monkeypatch.setenv("PBS2P_BLAS_MIN_BATCH", "2")
+    k = 2000 if scale_block == 2000 else 768
+    codes, alpha, mu = random_weight(200, k, n, m, scale_block, scale_dtype, 5)
+    x, bias = torch.randn(3, 5, k), torch.randn(200)
+    with native.use_isa(isa):
+        y = torch.ops.pbs2p.bsp_linear(x, codes, alpha, mu, bias, n, m, scale_block)
+        monkeypatch.delenv("PBS2P_BLAS_MIN_BATCH")
+        tables = torch.ops.pbs2p.bsp_linear(x, codes, alpha, mu, bias, n, m, scale_block)
+    assert torch.equal(y, reference_linear(x, codes, alpha, mu, bias, n, m, scale_block))
+    assert not torch.equal(y, tables)  # the tables sum in another order: the two paths really differ
+    assert_within_contract(y, x, codes, alpha, mu, bias, n, m, scale_block)
+
+
+def test_blas_batch_by_isa(monkeypatch):
+    with native.use_isa(isas()[-1]):
+        best = ops.blas_min_batch(torch.float32)
+    assert best == (None if isas()[-1] == "avx512" else 32)
+    with native.use_isa("scalar"):
+        assert ops.blas_min_batch(torch.float32) == 32
+        assert ops.blas_min_batch(torch.bfloat16) is None
+    monkeypatch.setenv("PBS2P_BLAS_MIN_BATCH", "7")
+    assert ops.blas_min_batch(torch.float32) == ops.blas_min_batch(torch.bfloat16) == 7
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
 def test_every_kept_set_and_sign_pattern(isa):
     # All C(8, n) kept sets x all 2^n sign patterns, one per row, against the dense weight, per ISA.
     if isa not in isas():
