@@ -60,6 +60,16 @@ def watch(stats: dict[str, dict[str, float]]) -> None:
             setattr(module, name, wrapper)
 
 
+def kernel_paths() -> dict[str, object]:
+    """The packed linear's compute path here: the backend and, where the checkout has it, from how many rows
+    float32 activations take the BLAS instead of the lookup tables (the pipeline runs 4 x 2048 rows a call)."""
+    from pbs2p.kernels import ops
+
+    blas = getattr(ops, "blas_min_batch", None)
+    return {"backend": ops.kernel_backend(),
+            "f32_blas_from_rows": blas(torch.float32) if blas else "never (this checkout has no float32 BLAS path)"}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--nm", default="4:8")
@@ -91,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         "pbs2p": {"file": pbs2p.__file__, "version": pbs2p.__version__,
                   "calibrate": str(inspect.signature(pbs2p.calibrate))},
         "nm": args.nm, "calibration": f"{args.nsamples}x{args.seqlen}", "threads": args.threads,
+        "kernel": kernel_paths(),
         "calibrate_s": round(seconds, 1), "linears": len(result.report.converted),
         "bits_per_weight": result.report.bits_per_weight(),
         "watched": {k: {"calls": v["calls"], "seconds": round(v["seconds"], 2)} for k, v in stats.items()},
