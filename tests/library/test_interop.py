@@ -255,6 +255,7 @@ def test_library_hooks_are_in_place():
     assert modeling_utils.PreTrainedModel._finalize_model_loading._pbs2p_checks
     assert TorchAoHfQuantizer.get_state_dict_and_metadata._pbs2p_checks
     assert modeling_utils.safe_save_file._pbs2p_checks
+    assert modeling_utils.PreTrainedModel.save_pretrained._pbs2p_checks  # torchao-converted models marked first
     assert BinarySparseTensor.tensor_data_names == ["qdata", "scale", "zero_point"]
     from transformers.quantizers.quantizer_torchao import TorchAoHfQuantizer as Q
 
