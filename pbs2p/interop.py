@@ -31,14 +31,26 @@ the tensors; the files are only read):
   :class:`PBS2P` does not describe (``m`` must match; the kept fraction must be ``n / m``, which CFS's
   per-block N keeps).
 
+Two more hooks make transformers' own calls do what a user expects of them:
+
+* ``save_pretrained`` of a model that ``torchao.quantization.quantize_`` converted with :class:`PBS2P`
+  (which, unlike :func:`pbs2p.quantize_`, cannot mark the model: torchao hands it one module at a time)
+  marks it first, from the config each converted linear records (:func:`prepare_to_save`), or refuses
+  before writing anything when one ``quantization_config`` cannot describe the model
+  (:func:`packed_configs`);
+* ``from_pretrained(folder, dtype=...)`` gives the packed weights that dtype too (their scales are stored
+  in the dtype the model was saved in, and transformers casts only the plain weights).
+
 ``tests/library/test_interop.py`` fails loudly if a new torchao or transformers release moves any of this.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import re
 import struct
 from collections.abc import Iterable
 
@@ -49,6 +61,8 @@ from torchao.prototype.safetensors import safetensors_utils
 from .config import PBS2P
 from .tensor import BinarySparseTensor
 
+#: attribute of a linear converted by torchao's ``quantize_``: the :class:`PBS2P` used (for ``save_pretrained``)
+RECORDED_CONFIG = "_pbs2p_config"
 REFUSAL = "refusing this pbs2p checkpoint, it is damaged or incomplete"
 #: safetensors metadata key: ``{tensor name: digest}`` of every tensor of the file, written by ``save_pretrained``
 TENSOR_CHECKSUMS = "pbs2p_tensor_checksums"
@@ -356,6 +370,112 @@ def mark_hf_quantized(model: torch.nn.Module, config: PBS2P) -> None:
     model.quantization_method = quantization_config.quant_method
 
 
+def packed_configs(model: torch.nn.Module) -> PBS2P:
+    """The one :class:`PBS2P` that made every packed weight of ``model`` (recorded by torchao's ``quantize_``).
+
+    ``save_pretrained`` records the model's quantization in ``config.json``; a model converted by
+    ``torchao.quantization.quantize_`` carries no record of it but each converted linear's, so this checks
+    that they describe one config, and that nothing but PBS²P weights needs recording. ``ValueError``
+    naming the weights otherwise (nothing is written).
+
+    Example:
+        >>> import torch
+        >>> from torchao.quantization import quantize_
+        >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+        >>> quantize_(model, PBS2P(n=4, m=8), filter_fn=lambda module, name: name == "0")
+        >>> packed_configs(model) == PBS2P(n=4, m=8)
+        True
+        >>> from pbs2p import compress_weight
+        >>> model[0].weight = torch.nn.Parameter(compress_weight(torch.randn(64, 64), PBS2P(n=2, m=4)), False)
+        >>> packed_configs(model)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: cannot record ... 0.weight holds a BinarySparseTensor that no PBS2P conversion recorded ...
+    """
+    from torchao.utils import TorchAOBaseTensor
+
+    configs: dict[str, PBS2P | None] = {}
+    others = []
+    for key, param in model.named_parameters():
+        if isinstance(param, BinarySparseTensor):
+            config = getattr(model.get_submodule(key.rpartition(".")[0]), RECORDED_CONFIG, None)
+            configs[key] = config if config is not None and (config.n, config.m) == param.nm() else None
+        elif isinstance(param, TorchAOBaseTensor):
+            others.append(f"{key} ({type(param).__name__})")
+    problems = [f"{key} holds a BinarySparseTensor that no PBS2P conversion recorded (assigned by hand?); call "
+                "pbs2p.interop.mark_hf_quantized(model, config) with the PBS2P that made it" for key, config in
+                configs.items() if config is None][:1]
+    distinct: dict[str, str] = {}
+    for key, config in configs.items():
+        if config is not None:
+            distinct.setdefault(repr(config), key)
+    if len(distinct) > 1:
+        shown = "; ".join(f"{key}: {config}" for config, key in list(distinct.items())[:2])
+        problems.append(f"the packed weights were made with {len(distinct)} different PBS2P configs ({shown}), and "
+                        "config.json records one: convert the whole model with one PBS2P")
+    if others:
+        problems.append(f"the model also holds other torchao tensors ({', '.join(others[:3])}), and config.json "
+                        "records one config: mix configs at load time with from_pretrained(..., "
+                        "quantization_config=TorchAoConfig(quant_type=FqnToConfig({...})))")
+    if problems or not configs:
+        raise ValueError("cannot record how this model was quantized, so save_pretrained would not write a loadable "
+                         f"checkpoint: {'; '.join(problems) or 'it holds no packed PBS2P weight'}. Nothing was "
+                         "written")
+    return next(config for config in configs.values() if config is not None)
+
+
+def prepare_to_save(model: torch.nn.Module) -> None:
+    """Before ``save_pretrained``: mark a transformers model that ``torchao.quantization.quantize_`` converted with
+    :class:`PBS2P` as torchao-quantized, like :func:`pbs2p.quantize_` does (see :func:`mark_hf_quantized`).
+
+    Models with a quantizer (loaded with one, or marked already) and models without packed weights are left alone.
+    """
+    if getattr(model, "hf_quantizer", None) is not None:
+        return
+    if any(isinstance(param, BinarySparseTensor) for param in model.parameters()):
+        mark_hf_quantized(model, packed_configs(model))
+
+
+def _pbs2p_for(name: str, quant_type) -> PBS2P | None:  # noqa: ANN001 (a torchao config)
+    """The :class:`PBS2P` that quantizing on load would apply to module ``name``'s weight (as transformers picks it)."""
+    from torchao.quantization import FqnToConfig
+
+    if not isinstance(quant_type, FqnToConfig):
+        config = quant_type
+    else:
+        table, param = quant_type.fqn_to_config, f"{name}.weight"
+        patterns = [c for key, c in table.items() if key.startswith("re:") and (
+            re.fullmatch(key[3:], param) or re.fullmatch(key[3:], name))]
+        config = table[param] if param in table else table[name] if name in table else (
+            patterns[0] if patterns else table.get("_default"))
+    return config if isinstance(config, PBS2P) else None
+
+
+def refuse_non_linears_on_load(quantizer, model: torch.nn.Module) -> None:  # noqa: ANN001 (TorchAoHfQuantizer)
+    """Refuse, before any weight is loaded, a ``TorchAoConfig`` that would hand PBS2P a module that is not an
+    ``nn.Linear`` (an ``nn.Embedding`` through ``include_input_output_embeddings`` or ``FqnToConfig``): torchao's
+    ``quantize_`` would skip it without a word, or refuse it in the middle of the load."""
+    chosen = []
+    for name, module in model.named_modules():
+        weight = module._parameters.get("weight") if not isinstance(module, torch.nn.Linear) else None
+        if weight is not None and quantizer.param_needs_quantization(model, f"{name}.weight") and _pbs2p_for(
+                name, quantizer.quantization_config.quant_type) is not None:
+            chosen.append(f"'{name}' ({type(module).__name__})")
+    if chosen:
+        raise ValueError(f"PBS2P converts nn.Linear weights only, but this TorchAoConfig selects {', '.join(chosen)} "
+                         "for it (include_input_output_embeddings, or an FqnToConfig entry); leave them out. To "
+                         "compress the LM head, pass modules_to_not_convert=[]")
+
+
+def _cast_packed(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Give every packed weight of a loaded model the dtype it was loaded in (its scales are stored in the dtype the
+    model was saved in; transformers casts the other weights only)."""
+    for module in model.modules():
+        for key, param in list(module.named_parameters(recurse=False)):
+            if isinstance(param, BinarySparseTensor) and param.dtype != dtype:
+                setattr(module, key, torch.nn.Parameter(param.to(dtype), requires_grad=False))
+
+
 def _drop_load_only_conversions(model: torch.nn.Module) -> None:
     """Forget the loader's torchao deserialization steps, which have no reverse: ``save_pretrained`` of a loaded
     model would fail on them (it flattens the packed weights itself)."""
@@ -381,6 +501,9 @@ def _patch_transformers_loader() -> None:
                 if self.pre_quantized:
                     verify_loaded(model, getattr(self, "metadata", None), self.quantization_config.quant_type)
                     _drop_load_only_conversions(model)
+                    dtype = getattr(model.config, "dtype", None)  # what from_pretrained(dtype=...) resolved to
+                    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+                        _cast_packed(model, dtype)
                 else:
                     verify_loaded(model)
             return model
@@ -395,7 +518,10 @@ def _patch_transformers_loader() -> None:
             # the files of a PBS2P checkpoint are checked here, before transformers reads their metadata
             if _is_pbs2p(self) and self.pre_quantized and checkpoint_files:
                 check_checkpoint_files(checkpoint_files, self)
-            return before_loading(self, model, checkpoint_files=checkpoint_files, **kwargs)
+            model = before_loading(self, model, checkpoint_files=checkpoint_files, **kwargs) or model
+            if not self.pre_quantized:
+                refuse_non_linears_on_load(self, model)
+            return model
 
         process_before_loading._pbs2p_checks = True
         TorchAoHfQuantizer._process_model_before_weight_loading = process_before_loading
@@ -454,6 +580,18 @@ def _patch_transformers_loader() -> None:
 
         finalize_model_loading._pbs2p_checks = True
         PreTrainedModel._finalize_model_loading = staticmethod(finalize_model_loading)
+
+
+    if not getattr(PreTrainedModel.save_pretrained, "_pbs2p_checks", False):
+        save_pretrained = PreTrainedModel.save_pretrained
+
+        @functools.wraps(save_pretrained)
+        def save_pretrained_hook(self, *args, **kwargs):
+            prepare_to_save(self)
+            return save_pretrained(self, *args, **kwargs)
+
+        save_pretrained_hook._pbs2p_checks = True
+        PreTrainedModel.save_pretrained = save_pretrained_hook
 
 
 def register() -> None:

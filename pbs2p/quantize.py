@@ -14,6 +14,7 @@ from torchao.quantization.transform_module import register_quantize_module_handl
 from . import observe
 from .algorithms import BinarizedWeight, compress
 from .config import CALIBRATED_ONLY, PBS2P
+from .interop import RECORDED_CONFIG
 from .tensor import BinarySparseTensor
 
 log = logging.getLogger("pbs2p")
@@ -227,7 +228,7 @@ def quantize_(model: torch.nn.Module, config: PBS2P, filter_fn: FilterFn | None 
             hessian = observe.check_convert(name, mod, config) if config.step == "convert" else None
             new[name] = to_tensor(compress_parts(mod.weight, config, hessian), config.n, config.m, mod.weight.dtype)
         for name, mod in eligible:  # nothing has changed so far: swap everything now
-            _swap(mod, "weight", new[name])
+            _swap(mod, "weight", new[name], config)
             observe.detach(mod)
     report = conversion_report(model, config, filter_fn)
     if report.converted and config.step != "observe":
@@ -250,8 +251,9 @@ def candidates(model: torch.nn.Module, filter_fn: FilterFn) -> Iterator[tuple[st
     yield from walk(model, "")
 
 
-def _swap(module: torch.nn.Module, parameter_name: str, packed: BinarySparseTensor) -> None:
+def _swap(module: torch.nn.Module, parameter_name: str, packed: BinarySparseTensor, config: PBS2P) -> None:
     setattr(module, parameter_name, torch.nn.Parameter(packed, requires_grad=False))
+    setattr(module, RECORDED_CONFIG, config)  # what save_pretrained records (see pbs2p.interop.packed_configs)
     if not isinstance(module.__dict__.get("extra_repr"), types.MethodType):
         original = module.extra_repr
         module.extra_repr = types.MethodType(
@@ -270,8 +272,8 @@ def _pbs2p_transform(module: torch.nn.Module, config: PBS2P, *, parameter_name: 
     refuse_unused(config, calibrated=config.step is not None)
     weight = getattr(module, parameter_name, None)
     if not isinstance(module, torch.nn.Linear):
-        raise ValueError(f"PBS2P converts nn.Linear weights only, not {type(module).__name__}; leave it out of "
-                         "torchao's filter_fn / FqnToConfig")
+        raise ValueError(f"PBS2P converts nn.Linear weights only, not {type(module).__name__}({module.extra_repr()}), "
+                         "which was left unchanged; leave it out of torchao's filter_fn / FqnToConfig")
     tied = {id(weight): TIED} if isinstance(weight, torch.Tensor) and _held_elsewhere(module, weight) else None
     reason = skip_reason(module, config, parameter_name, kept=tied)
     if reason is not None or (config.step == "convert" and observe.observer(module) is None):
@@ -284,7 +286,7 @@ def _pbs2p_transform(module: torch.nn.Module, config: PBS2P, *, parameter_name: 
     check_finite(label, weight, unchanged="torchao's quantize_ converts module by module: this one is left as it "
                  "is, those before it are converted; pbs2p.quantize_ checks every linear first and changes nothing")
     hessian = observe.check_convert(label, module, config) if config.step == "convert" else None
-    _swap(module, parameter_name, compress_weight(weight, config, hessian))
+    _swap(module, parameter_name, compress_weight(weight, config, hessian), config)
     observe.detach(module)
     return module
 

@@ -255,8 +255,94 @@ def test_library_hooks_are_in_place():
     assert modeling_utils.PreTrainedModel._finalize_model_loading._pbs2p_checks
     assert TorchAoHfQuantizer.get_state_dict_and_metadata._pbs2p_checks
     assert modeling_utils.safe_save_file._pbs2p_checks
+    assert modeling_utils.PreTrainedModel.save_pretrained._pbs2p_checks  # torchao-converted models marked first
     assert BinarySparseTensor.tensor_data_names == ["qdata", "scale", "zero_point"]
     from transformers.quantizers.quantizer_torchao import TorchAoHfQuantizer as Q
 
     suffixes = Q.serialized_names.fget  # transformers must still look up the torchao inner names
     assert suffixes is not None
+
+
+def test_torchao_quantize_then_save_pretrained_round_trip(tmp_path):
+    """torchao's own quantize_ on a transformers model, then save_pretrained: written, and reloaded as it was."""
+    model = tiny_llama()
+    config = PBS2P(n=4, m=8, refine_rounds=1)
+    quantize_(model, config)  # torchao's: converts what its filter_fn selects, the LM head included
+    assert getattr(model, "hf_quantizer", None) is None
+    model.save_pretrained(tmp_path / "ckpt")
+    saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]
+    assert config_from_dict(saved["quant_type"]["default"]) == config
+    save_reference(model, tmp_path)
+    in_fresh_process(CHECK_RELOAD.format(folder=tmp_path / "ckpt"), tmp_path)
+
+
+def _mixed_nm(model):
+    quantize_(model, PBS2P(n=4, m=8), filter_fn=lambda mod, name: name.endswith("q_proj"))
+    quantize_(model, PBS2P(n=2, m=4), filter_fn=lambda mod, name: name.endswith("k_proj"))
+
+
+def _by_hand(model):
+    model.model.layers[0].mlp.up_proj.weight = torch.nn.Parameter(
+        pbs2p.compress_weight(model.model.layers[0].mlp.up_proj.weight, PBS2P(n=4, m=8)), requires_grad=False)
+
+
+def _replaced_by_hand(model):
+    quantize_(model, PBS2P(n=4, m=8), filter_fn=lambda mod, name: name.endswith("up_proj"))
+    model.model.layers[0].mlp.up_proj.weight = torch.nn.Parameter(  # recorded 4:8, now 2:4
+        pbs2p.compress_weight(torch.randn(128, 64), PBS2P(n=2, m=4)), requires_grad=False)
+
+
+def _with_int8(model):
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    quantize_(model, PBS2P(n=4, m=8), filter_fn=lambda mod, name: name.endswith("q_proj"))
+    quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda mod, name: name == "lm_head")
+
+
+@pytest.mark.parametrize(
+    ("convert", "match"),
+    [
+        (_mixed_nm, r"2 different PBS2P configs \(model.layers.0.self_attn.q_proj.weight: PBS2P\(n=4, m=8"),
+        (_by_hand, "model.layers.0.mlp.up_proj.weight holds a BinarySparseTensor that no PBS2P conversion recorded"),
+        (_replaced_by_hand, "model.layers.0.mlp.up_proj.weight holds a BinarySparseTensor that no PBS2P conversion "
+                            "recorded"),
+        (_with_int8, r"other torchao tensors \(lm_head.weight \(Int8Tensor\)\)"),
+    ],
+    ids=["two-configs", "assigned-by-hand", "replaced-by-hand", "with-int8"],
+)
+def test_save_pretrained_refuses_what_config_json_cannot_record(tmp_path, convert, match):
+    model = tiny_llama()
+    convert(model)
+    before = {k: id(v) for k, v in model.named_parameters()}
+    with pytest.raises(ValueError, match=match):
+        model.save_pretrained(tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+    assert getattr(model, "hf_quantizer", None) is None and getattr(model.config, "quantization_config", None) is None
+    assert {k: id(v) for k, v in model.named_parameters()} == before
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
+def test_from_pretrained_dtype_reaches_the_packed_scales(tmp_path, dtype, tol):
+    model = tiny_llama()
+    pbs2p.quantize_(model, PBS2P(n=4, m=8))
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=dtype)
+    packed, reference = packed_weights(loaded), packed_weights(model)
+    assert len(packed) == 14
+    for name, w in packed.items():
+        assert w.dtype == w.scale.dtype == w.zero_point.dtype == dtype, name
+        assert torch.equal(w.scale, reference[name].scale.to(dtype)) and torch.equal(w.qdata, reference[name].qdata)
+    assert {p.dtype for p in loaded.parameters()} == {dtype}
+    with torch.no_grad():
+        ref, out = model(IDS).logits, loaded(IDS).logits
+    assert out.dtype == dtype and (out.float() - ref).norm() / ref.norm() < tol
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")  # the dtype it was saved in: untouched
+    assert all(w.scale.dtype == torch.float32 for w in packed_weights(again).values())
+
+
+def test_a_low_precision_checkpoint_loads_in_float32(tmp_path):
+    model = tiny_llama(dtype=torch.bfloat16)
+    pbs2p.quantize_(model, PBS2P(n=4, m=8))
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
