@@ -155,3 +155,23 @@ def test_readme_perplexities_match_their_files():
             assert any(round(ppl, digits) == float(number) for ppl in found), \
                 f"{number} over {windows} windows is not in {files}: {sorted(round(p, 2) for p in found)}"
 
+
+
+def test_readme_states_the_package_metadata():
+    """The README and the quickstart state the Python version and the version ranges that pyproject.toml declares,
+    and the exact versions they name are the ones constraints.txt pins."""
+    import re
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    python = project["requires-python"].removeprefix(">=")
+    ranges = [d for d in project["dependencies"] + project["optional-dependencies"]["lab"]
+              if d.split(">")[0] in ("torch", "torchao", "transformers", "lm-eval")]
+    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line)
+    for page in (ROOT / "README.md", ROOT / "docs" / "quickstart.md"):
+        text = page.read_text()
+        assert f"Python ≥ {python}" in text or f"Python {python}" in text, page.name
+        for spec in ranges:
+            assert f"`{spec}`" in text, f"{page.name} does not state {spec}"
+        for name, version in re.findall(r"`(torch|torchao|transformers|lm-eval)==([\w.]+)`", text):
+            assert pins[name.replace("-", "_") if name == "lm-eval" else name] == version, (page.name, name, version)
