@@ -1,13 +1,15 @@
-"""What PBS²P and its baselines do to a real model: perplexity, honest bits, time and memory on SmolLM2-135M.
+"""What PBS²P and its baselines do to a real model: perplexity, honest bits, time and memory (SmolLM2-135M, or
+any model ``--model`` names).
 
 One command compresses SmolLM2-135M with every requested method — all with the **same calibration
 tokens** (``--nsamples`` segments of ``--calib-seqlen`` tokens from the calibration part of the Wikipedia
 split, seed ``--seed``) and the same sequential harness (:class:`pbs2p.pipeline.SequentialRunner`) —
-and measures perplexity on the **same** ``--limit`` windows of 2048 tokens::
+and measures perplexity on the **same** ``--limit`` windows of ``--seqlen`` tokens (default 2048)::
 
     python benchmarks/quality.py --methods main --limit 40            # the table (resumable)
     python benchmarks/quality.py --methods pbs2p-6:8,pbs2p-4:8 --zeroshot --zeroshot-limit 200
     python benchmarks/quality.py --text validation --methods pbs2p-4:8,pbs2p-4:8+true_sequential=false
+    python benchmarks/quality.py --model path/to/hf_folder_or.gguf --methods main,binarize-dense --limit 10
 
 ``--text heldout`` (default) scores the held-out articles; ``--text validation`` scores windows of the
 *calibration* articles that no calibration segment touches — defaults are chosen there, never on the
@@ -24,8 +26,10 @@ baselines: true-sequential stages, and scale tuning as a gain and offset of each
 scale block); overrides ``+key=value`` of a :class:`~pbs2p.PBS2P` field (``extras`` as ``a/b`` or
 ``none``) or of calibrate (``cfs=false``, ``cfs_normalize``, ``n_low``, ``n_high``, ``tune_steps``,
 ``tune_lr``). E.g. ``pbs2p-6:8+paper+refit``, ``stbllm-6:8+true_seq+tune``.
-Groups: ``main``, ``ablations`` and ``all``. ``--model`` takes any model ``pbs2p_lab.assets.load_model``
-opens (an alias, an HF folder, a ``.gguf`` file).
+Groups: ``main``, ``ablations``, ``all`` and ``baselines`` (every baseline at 4:8, plus ``fp`` and
+``pbs2p-4:8``). ``--model`` takes any causal LM that ``pbs2p_lab.assets.load_model`` opens (an alias, an HF
+folder, a ``.gguf`` file); results of a model other than SmolLM2 go to ``runs/quality/<model>/`` unless
+``--out`` says otherwise.
 """
 
 from __future__ import annotations
@@ -49,8 +53,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 RESULTS = Path(__file__).resolve().parent / "results" / "quality"
 MODEL = "smollm2"
-SEQLEN = 2048
-VALIDATION_RESERVE = (128, 2048)  # validation windows avoid the segments of the largest calibration set
+SEQLEN = 2048  # the default perplexity window (--seqlen)
+VALIDATION_RESERVE = 128  # validation windows avoid the segments of the largest calibration set (x --calib-seqlen)
 
 ADDITIONS = ("act_order", "refit", "obs_weights", "true_seq", "tune")
 MAIN = [
@@ -60,7 +64,8 @@ MAIN = [
     "pbs2p-2:4", "pbs2p-2:4+paper", "magnitude-4:8", "sparsegpt-4:8",
 ]
 ABLATIONS = [f"pbs2p-6:8+paper+{a}" for a in ADDITIONS] + ["pbs2p-6:8+spbo_steps=0", "pbs2p-6:8+spbo_steps=1"]
-GROUPS = {"main": MAIN, "ablations": ABLATIONS, "all": MAIN + ABLATIONS}
+BASELINES = ["fp", "pbs2p-4:8", "billm", "stbllm-4:8", "sparsegpt-4:8", "magnitude-4:8", "binarize-dense"]
+GROUPS = {"main": MAIN, "ablations": ABLATIONS, "all": MAIN + ABLATIONS, "baselines": BASELINES}
 ZEROSHOT_DEFAULT = ["fp", "pbs2p-6:8", "pbs2p-4:8"]
 
 
@@ -76,17 +81,18 @@ def segment_starts(n_tokens: int, nsamples: int, seqlen: int, seed: int) -> list
     return torch.randint(0, n_tokens - seqlen + 1, (nsamples,), generator=gen).tolist()
 
 
-def validation_windows(n_tokens: int, limit: int, seed: int) -> list[int]:
-    """Indices of aligned ``SEQLEN`` windows of the calibration stream untouched by any calibration segment.
+def validation_windows(n_tokens: int, limit: int, seed: int, seqlen: int = SEQLEN, calib_seqlen: int = 2048
+                       ) -> list[int]:
+    """Indices of aligned ``seqlen`` windows of the calibration stream untouched by any calibration segment.
 
-    Windows avoid the segments of the largest calibration set we use (``VALIDATION_RESERVE``), so every
-    smaller calibration set with the same seed (a prefix of the same draws) is excluded as well; the
-    worker re-checks against the segments actually used.
+    Windows avoid the segments of the largest calibration set we use (``VALIDATION_RESERVE`` segments of
+    ``calib_seqlen``), so every smaller calibration set with the same seed (a prefix of the same draws) is
+    excluded as well; the worker re-checks against the segments actually used.
     """
-    ns, sl = VALIDATION_RESERVE
-    starts = segment_starts(n_tokens, ns, sl, seed)
-    free = [w for w in range(n_tokens // SEQLEN)
-            if all(s + sl <= w * SEQLEN or s >= (w + 1) * SEQLEN for s in starts)]
+    sl = calib_seqlen
+    starts = segment_starts(n_tokens, VALIDATION_RESERVE, sl, seed)
+    free = [w for w in range(n_tokens // seqlen)
+            if all(s + sl <= w * seqlen or s >= (w + 1) * seqlen for s in starts)]
     if len(free) < limit:
         raise ValueError(f"only {len(free)} validation windows are free of calibration segments, asked {limit}")
     return free[:limit]
@@ -149,7 +155,7 @@ def compress_model(name: str, model: torch.nn.Module, calib: torch.Tensor, args:
         "billm": lambda W, H: billm(W, H, **options),
         "stbllm": lambda W, H: stbllm(W, H, *nm, **options),
         "sparsegpt": lambda W, H: sparsegpt_nm(W, H, *nm, **options),
-        "binarize": lambda W, H: binarize_dense(W, H, **options),  # "binarize-dense"
+        "binarize-dense": lambda W, H: binarize_dense(W, H, **options),
     }
     if base not in methods:
         raise ValueError(f"unknown method {name!r}")
@@ -256,25 +262,26 @@ def worker(args: argparse.Namespace) -> dict:
     peak_compress = peak_rss_gib()
     dense_weights(model)
     entry = {
-        "method": args.worker, **info,
+        "method": args.worker, **info, "vocab_size": model.get_input_embeddings().weight.shape[0],
         "calibration": {"nsamples": args.nsamples, "seqlen": args.calib_seqlen, "seed": args.seed,
                         "tokens": args.nsamples * args.calib_seqlen} if info.get("calibrated") else None,
         "compress_s": compress_s, "peak_rss_gib_compress": peak_compress,
         "loadavg_before": load_before, "loadavg_after": load_after, "threads": args.threads,
     }
     if args.do_ppl:
+        seqlen = args.seqlen
         if args.text == "heldout":
             ids = tokenize_text(tokenizer, split.heldout_text)
-            windows = list(range(min(args.limit, ids.numel() // SEQLEN)))
+            windows = list(range(min(args.limit, ids.numel() // seqlen)))
         else:
             ids = cal_ids
-            windows = validation_windows(ids.numel(), args.limit, args.seed)
+            windows = validation_windows(ids.numel(), args.limit, args.seed, seqlen, args.calib_seqlen)
             starts = segment_starts(ids.numel(), args.nsamples, args.calib_seqlen, args.seed)
             for w in windows:
-                if any(not (s + args.calib_seqlen <= w * SEQLEN or s >= (w + 1) * SEQLEN) for s in starts):
+                if any(not (s + args.calib_seqlen <= w * seqlen or s >= (w + 1) * seqlen) for s in starts):
                     raise RuntimeError(f"validation window {w} overlaps a calibration segment")
-        stream = torch.cat([ids[w * SEQLEN:(w + 1) * SEQLEN] for w in windows])
-        ppl = perplexity(model, stream, SEQLEN, progress=args.progress)
+        stream = torch.cat([ids[w * seqlen:(w + 1) * seqlen] for w in windows])
+        ppl = perplexity(model, stream, seqlen, progress=args.progress)
         entry["ppl"] = ppl.ppl
         entry["ppl_detail"] = {"windows": windows, "nll_sum": ppl.nll_sum, "predicted_tokens": ppl.predicted_tokens,
                                "window_nll": [round(x, 3) for x in ppl.window_nll], "wall_s": ppl.wall_s}
@@ -288,8 +295,9 @@ def worker(args: argparse.Namespace) -> dict:
 
 # ------------------------------------------------------------------------------------- orchestrator
 def entry_key(method: str, args: argparse.Namespace) -> str:
-    """Results are keyed by method, calibration set and evaluation windows."""
-    return f"{method}|cal{args.nsamples}x{args.calib_seqlen}s{args.seed}|limit{args.limit}"
+    """Results are keyed by method, calibration set and evaluation windows (and their length, if not 2048)."""
+    seqlen = "" if args.seqlen == SEQLEN else f"seqlen{args.seqlen}|"
+    return f"{method}|cal{args.nsamples}x{args.calib_seqlen}s{args.seed}|{seqlen}limit{args.limit}"
 
 
 def load_results(path: Path) -> dict:
@@ -306,11 +314,17 @@ def save_results(path: Path, record: dict) -> None:
 
 
 def run_worker(method: str, args: argparse.Namespace, do_ppl: bool, do_zeroshot: bool) -> dict:
+    if args.inline:  # this process: quick, but the peak memory is the whole run's so far
+        start = time.perf_counter()
+        entry = worker(argparse.Namespace(**{**vars(args), "worker": method, "do_ppl": do_ppl,
+                                             "do_zeroshot": do_zeroshot}))
+        return {**entry, "inline": True, "process_wall_s": time.perf_counter() - start}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "entry.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--worker-out", str(out),
                "--model", args.model,
-               "--text", args.text, "--limit", str(args.limit), "--nsamples", str(args.nsamples),
+               "--text", args.text, "--limit", str(args.limit), "--seqlen", str(args.seqlen),
+               "--nsamples", str(args.nsamples),
                "--calib-seqlen", str(args.calib_seqlen), "--seed", str(args.seed), "--threads", str(args.threads),
                "--batch-size", str(args.batch_size), "--cfs-samples", str(args.cfs_samples),
                "--zeroshot-limit", str(args.zeroshot_limit)]
@@ -374,10 +388,10 @@ def context(args: argparse.Namespace) -> dict:
     from pbs2p_lab.eval.results import package_versions
 
     return {
-        "model": args.model, "seqlen": SEQLEN, "text": args.text,
+        "model": args.model, "seqlen": args.seqlen, "text": args.text,
         "text_rule": "held-out articles of pbs2p_lab.data.split" if args.text == "heldout" else
-        f"aligned windows of the calibration stream untouched by the first {VALIDATION_RESERVE[0]} "
-        f"segments of {VALIDATION_RESERVE[1]} tokens (seed {args.seed})",
+        f"aligned windows of the calibration stream untouched by the first {VALIDATION_RESERVE} "
+        f"segments of {args.calib_seqlen} tokens (seed {args.seed})",
         "versions": package_versions(), "cpu_count": os.cpu_count(),
     }
 
@@ -387,9 +401,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=MODEL, help="model alias, HF folder or .gguf file (default smollm2)")
     p.add_argument("--out", type=Path, default=None, help=f"result folder (default {RESULTS} for smollm2, "
                                                           "runs/quality/<model> otherwise)")
-    p.add_argument("--methods", default="main", help="comma-separated method names or groups (main, ablations, all)")
+    p.add_argument("--methods", default="main",
+                   help="comma-separated method names or groups (main, ablations, all, baselines)")
     p.add_argument("--text", choices=("heldout", "validation"), default="heldout")
-    p.add_argument("--limit", type=int, default=40, help="perplexity windows of 2048 tokens")
+    p.add_argument("--limit", type=int, default=40, help="perplexity windows of --seqlen tokens")
+    p.add_argument("--seqlen", type=int, default=SEQLEN, help=f"perplexity window length (default {SEQLEN})")
     p.add_argument("--nsamples", type=int, default=32, help="calibration segments")
     p.add_argument("--calib-seqlen", type=int, default=2048, help="tokens per calibration segment")
     p.add_argument("--seed", type=int, default=0)
@@ -400,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zeroshot-methods", default=",".join(ZEROSHOT_DEFAULT))
     p.add_argument("--zeroshot-limit", type=int, default=200)
     p.add_argument("--force", action="store_true", help="recompute entries that exist")
+    p.add_argument("--inline", action="store_true",
+                   help="run every method in this process, one after the other (quick on small models; the peak "
+                        "memory recorded is then the whole run's)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)

@@ -30,8 +30,10 @@ def plot(record: dict, path: Path) -> None:
         bits = min(e["bits_per_weight"], 12.0)
         ax.scatter(bits, e["ppl"], color=colors.get(family, "tab:brown"), s=25)
         ax.annotate(e["method"], (bits, e["ppl"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
-    ax.axhline(UNIFORM_PPL, ls="--", color="gray", lw=0.8)
-    ax.text(0.1, UNIFORM_PPL * 1.1, "uniform guessing", fontsize=7, color="gray")
+    vocab = {e["vocab_size"] for e in record["entries"].values() if e.get("vocab_size")}
+    uniform = vocab.pop() if len(vocab) == 1 else UNIFORM_PPL  # entries written before vocab_size: SmolLM2
+    ax.axhline(uniform, ls="--", color="gray", lw=0.8)
+    ax.text(0.1, uniform * 1.1, f"uniform guessing over {uniform} tokens", fontsize=7, color="gray")
     ax.set_yscale("log")
     ax.set_xlabel("honest bits per weight (every stored bit; FP32 drawn at 12)")
     ax.set_ylabel("perplexity (log scale)")

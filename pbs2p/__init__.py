@@ -11,7 +11,7 @@
 
 from . import interop
 from .config import PBS2P
-from .pipeline import CFS, CalibrationResult, Checkpoint, ScaleTuning, calibrate
+from .pipeline import CFS, CalibrationResult, Checkpoint, ScaleTuning, calibrate, calibration_tokens
 from .quantize import ConversionReport, compress_weight, conversion_report, quantize_
 from .tensor import BinarySparseTensor
 
@@ -28,6 +28,7 @@ __all__ = [
     "ConversionReport",
     "ScaleTuning",
     "calibrate",
+    "calibration_tokens",
     "compress_weight",
     "conversion_report",
     "quantize_",

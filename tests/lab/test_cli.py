@@ -19,13 +19,18 @@ def test_parser_understands_the_commands():
     args = parser.parse_args(["run", "--nm", "6:8", "--ppl-limit", "all", "--tasks", "piqa,boolq"])
     assert args.nm == (6, 8) and args.ppl_limit is None and args.tasks == ("piqa", "boolq")
     assert args.nsamples == DEFAULT_NSAMPLES == 8  # the stated calibration default
-    args = parser.parse_args(["compress", "--out", "x", "--nsamples", "0", "--spbo-steps", "0"])
+    args = parser.parse_args(["compress", "--model", "m", "--out", "x", "--nsamples", "0", "--spbo-steps", "0"])
     assert args.nsamples == 0 and args.spbo_steps == 0 and args.nm == (4, 8)
-    args = parser.parse_args(["compress", "--out", "x", "--extras", "refit,act_order", "--compensation", "block"])
+    args = parser.parse_args(["compress", "--model", "m", "--out", "x", "--extras", "refit,act_order",
+                              "--compensation", "block"])
     assert args.extras == ("refit", "act_order") and args.compensation == "block"
-    assert parser.parse_args(["eval", "--tasks", "default"]).tasks[:2] == ("piqa", "arc_easy")
-    for bad in (["run", "--nm", "4-8"], ["eval", "--tasks", "mmlu"], ["eval", "--limit", "0"],
-                ["compress", "--out", "x", "--compensation", "magic"], ["compress", "--out", "x", "--extras", "x"]):
+    assert parser.parse_args(["eval", "--model", "m", "--tasks", "default"]).tasks[:2] == ("piqa", "arc_easy")
+    # names beyond the bundled tasks go to lm-eval (checked before the model loads: test_cli_ecosystem.py)
+    assert parser.parse_args(["eval", "--model", "m", "--tasks", "mmlu,piqa"]).tasks == ("mmlu", "piqa")
+    for bad in (["run", "--nm", "4-8"], ["eval", "--model", "m", "--tasks", ","],
+                ["eval", "--model", "m", "--limit", "0"],
+                ["compress", "--model", "m", "--out", "x", "--compensation", "magic"],
+                ["compress", "--model", "m", "--out", "x", "--extras", "x"]):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
 
@@ -140,3 +145,10 @@ def test_report_reads_every_committed_result_file(tmp_path):
     assert main(["report", *files, "--out", str(tmp_path)]) == 0
     text = (tmp_path / "README.md").read_text()
     assert text.count("\n## `") == len(files)
+    # every table names its metric: perplexity with its windows, accuracy as a fraction of acc_norm/acc
+    heldout = text.split("quality/quality_heldout.json` (quality)")[1].split("\n## ")[0]
+    assert "| method | perplexity | windows×seqlen |" in heldout and "| pbs2p-4:8 | 687.15 | 16×2048 |" in heldout
+    assert "Zero-shot accuracy (fraction; acc_norm where the task has it, else acc)" in heldout
+    assert "| pbs2p-6:8 | not recorded (N varies: CFS) | 7×15, 5×15 |" in heldout  # not "no CFS"
+    fp = text.split("fp/smollm2_fp32_zeroshot_limit200.json` (evaluation)")[1].split("\n## ")[0]
+    assert "zero-shot accuracy as a fraction (acc_norm where the task has it, else acc)" in fp

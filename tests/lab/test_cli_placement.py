@@ -14,7 +14,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def test_parser_takes_device_and_dtype():
     parser = build_parser()
-    for command in (["compress", "--out", "x"], ["run"], ["eval"]):
+    for command in (["compress", "--model", "m", "--out", "x"], ["run"], ["eval", "--model", "m"]):
         args = parser.parse_args(command)
         assert (args.device, args.dtype) == ("cpu", "float32")  # the defaults: what ran before
         args = parser.parse_args([*command, "--device", "cuda:1", "--dtype", "bf16"])
