@@ -379,16 +379,12 @@ def _pbs2p_config(args: argparse.Namespace):
 
 def _check_text_file(path: Path) -> None:
     """Refuse, before the model loads, a calibration text file that cannot be read or holds no text."""
+    from pbs2p.pipeline.text import read_text_file
+
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise CommandError(f"--calib-text {path} does not exist") from exc
-    except IsADirectoryError as exc:
-        raise CommandError(f"--calib-text {path} is a folder, not a text file") from exc
-    except UnicodeDecodeError as exc:
-        raise CommandError(f"--calib-text {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-    except OSError as exc:
-        raise CommandError(f"cannot read --calib-text {path}: {exc}") from exc
+        text = read_text_file(path)
+    except (OSError, ValueError) as exc:
+        raise CommandError(f"--calib-text: {exc}") from exc
     if not text.strip():
         raise CommandError(f"--calib-text {path} is empty")
 

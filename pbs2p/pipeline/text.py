@@ -45,7 +45,8 @@ def sample_segments(token_ids: torch.Tensor, nsamples: int, seqlen: int, seed: i
     return token_ids[offsets].to(torch.long)
 
 
-def _read_file(path: Path) -> str:
+def read_text_file(path: Path) -> str:
+    """The UTF-8 text of ``path``; a missing file, a folder or non-UTF-8 bytes are refused naming the cause."""
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
@@ -73,7 +74,7 @@ def _text(data: object, column: str) -> str:
     if isinstance(data, str):
         return data
     if isinstance(data, os.PathLike):
-        return _read_file(Path(data))
+        return read_text_file(Path(data))
     if isinstance(data, torch.Tensor):
         raise TypeError("calibration data is already a tensor (token ids?): pass token ids to calibrate directly")
     if isinstance(data, bytes | bytearray):
