@@ -20,6 +20,9 @@ FACTORIES = {"zeros", "ones", "empty", "full", "arange", "eye", "tensor", "rand"
 ALLOWED = {
     ("kernels/packing.py", "nm_tables"): "lookup tables built once on the host; _constant() moves them to the "
                                          "device of the codes they decode",
+    ("pipeline/text.py", "sample_segments"): "calibration token ids are drawn on the host, as a tokenizer returns "
+                                             "them; calibrate moves each batch to its compute device",
+    ("pipeline/text.py", "calibration_tokens"): "the tokenizer's ids, on the host like the tokenizer's own output",
 }
 
 
