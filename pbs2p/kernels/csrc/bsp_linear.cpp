@@ -184,8 +184,8 @@ struct Problem {
 };
 
 // Batch from which activations take the expand + BLAS path; PBS2P_BLAS_MIN_BATCH overrides it (tests, tuning).
-// float32: from 32 rows with the AVX2 and scalar kernels (measured on 2 AVX2 cores: at 32 rows the BLAS
-// path is as fast as the tables for 4096 x 4096 and about twice as fast for 576 x 1536); never with the
+// float32: from 32 rows with the AVX2 and scalar kernels (benchmarks/blas_crossover.py on 2 AVX2 cores: at 32
+// rows the two are within 30 % either way, from 64 rows the BLAS is faster for every shape); never with the
 // AVX-512 kernels, whose tables beat float32 BLAS at batch 128 (measured on Zen 5, 2 cores).
 // bfloat16: from 48 rows with the AVX-512 kernels where oneDNN has native bf16 dot products (Zen 5).
 int64_t blas_min_batch(int isa, bool bf16) {
