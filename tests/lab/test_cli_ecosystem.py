@@ -9,6 +9,7 @@ import os
 import textwrap
 
 import pytest
+import torch
 
 from pbs2p_lab import assets, cli
 
@@ -122,6 +123,60 @@ def test_too_little_calibration_text_is_refused_before_compressing(capsys, tmp_p
     argv = ["compress", "--model", "tiny", "--calib-text", str(tmp_path / "short.txt"), "--nsamples", "4",
             "--calib-seqlen", "64", "--out", str(tmp_path / "o"), "--no-progress"]
     one_line_error(capsys, run(argv), "fewer than nsamples x seqlen = 4 x 64 = 256")
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------------------- --calib-dataset
+def _jsonl(tmp_path, rows=None):
+    rows = rows if rows is not None else [{"body": line, "n": i} for i, line in enumerate(TEXT.splitlines() * 4)]
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_compress_calibrates_on_a_dataset_like_on_its_text(tmp_path):
+    """A jsonl file and a save_to_disk folder of the same rows give the tokens of the same text joined."""
+    import datasets
+    from safetensors.torch import load_file
+
+    source = _jsonl(tmp_path)
+    rows = [json.loads(line)["body"] for line in source.read_text().splitlines()][:30]
+    datasets.Dataset.from_dict({"body": rows}).save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "joined.txt").write_text("\n\n".join(rows), encoding="utf-8")
+    common = ["--nsamples", "2", "--calib-seqlen", "32", "--no-cfs", "--tune-steps", "0", "--no-progress"]
+    digests = {}
+    for name, flags in {"jsonl": ["--calib-dataset", str(source), "--calib-column", "body", "--calib-rows", "30"],
+                        "saved": ["--calib-dataset", str(tmp_path / "saved"), "--calib-column", "body"],
+                        "text": ["--calib-text", str(tmp_path / "joined.txt")]}.items():
+        folder = tmp_path / f"out_{name}"
+        assert cli.main(["compress", "--model", "tiny", *flags, *common, "--out", str(folder)]) == 0
+        report = json.loads((folder / "pbs2p_compress.json").read_text())
+        digests[name] = load_file(folder / "model.safetensors")
+        if name == "jsonl":
+            calibration = report["calibration"]
+            assert calibration["source"] == f"dataset {source}" and calibration["dataset_rows"] == 30
+            assert calibration["dataset_column"] == "body" and calibration["dataset_split"] == "train"
+    for name in ("saved", "text"):
+        assert digests[name].keys() == digests["jsonl"].keys()
+        assert all(torch.equal(digests[name][k], digests["jsonl"][k]) for k in digests["jsonl"])
+
+
+CALIB_DATASET_REFUSALS = {
+    "missing file": (lambda t: ["--calib-dataset", str(t / "absent.jsonl")], "does not exist"),
+    "no such column": (lambda t: ["--calib-dataset", str(_jsonl(t))], "has no column 'text' (it has body, n)"),
+    "not text": (lambda t: ["--calib-dataset", str(_jsonl(t)), "--calib-column", "n"], "not text"),
+    "empty": (lambda t: ["--calib-dataset", str(_jsonl(t, [])), "--calib-column", "body"], "cannot open"),
+    "two sources": (lambda t: ["--calib-dataset", str(_jsonl(t)), "--calib-text", __file__], "give one"),
+    "column alone": (lambda t: ["--calib-column", "body"], "act only with --calib-dataset"),
+    "data-free": (lambda t: ["--calib-dataset", str(_jsonl(t)), "--nsamples", "0"], "act only with calibration"),
+}
+
+
+@pytest.mark.parametrize("case", list(CALIB_DATASET_REFUSALS))
+def test_bad_calibration_dataset_is_refused_before_loading(capsys, tmp_path, no_loading, case):
+    flags, expect = CALIB_DATASET_REFUSALS[case]
+    one_line_error(capsys, run(["compress", "--model", "tiny", *flags(tmp_path), "--out", str(tmp_path / "o")]),
+                   expect)
     assert not (tmp_path / "o").exists()
 
 

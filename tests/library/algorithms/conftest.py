@@ -1,4 +1,7 @@
-"""Algorithm tests run single-threaded: small matrices, and immune to a busy 2-core machine."""
+"""Algorithm tests run single-threaded (small matrices, immune to a busy 2-core machine) and on the method's
+torch definition: ``PBS2P_KERNEL=torch`` makes the compensated sweep run its torch group loop, so that these
+tests (and the mutation run over ``pbs2p/algorithms``) exercise it. The native group loop
+(``pbs2p::sweep_groups``) is held to that loop bit for bit by ``tests/library/kernels/test_native_sweep.py``."""
 
 from __future__ import annotations
 
@@ -12,3 +15,8 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(autouse=True)
+def _torch_definition(monkeypatch):
+    monkeypatch.setenv("PBS2P_KERNEL", "torch")
