@@ -1,13 +1,15 @@
-"""Seven real bugs injected into the method core, one at a time: which test catches each.
+"""Real bugs injected into the method core, one at a time: which test catches each.
 
     python benchmarks/injected_bugs.py
 
-Each bug is a one-line edit of ``pbs2p/algorithms/method.py`` (the bug classes that once survived the whole
-algorithm test suite). For each, the repository's ``pbs2p``, ``pbs2p_lab``, ``tests`` and ``pyproject.toml`` are
-copied to a temporary folder, the edit is applied there (never to this tree), and the method-core tests
-(``tests/library/algorithms`` without the subprocess pins, and ``tests/library/kernels/test_native_sweep.py``)
-run against the copy with ``pytest -x``; the first failing test is recorded. A control run without an edit
-must pass. Writes ``benchmarks/results/mutation/injected_bugs.{json,md}`` and exits 1 if a bug survives.
+Each bug is a one-line edit of ``pbs2p/algorithms/method.py`` (seven bug classes that once survived the
+whole algorithm test suite), or of the native group loop ``pbs2p/kernels/csrc/sweep.cpp`` (two of them
+again, in the native copy of that arithmetic, rebuilt in the copy). For each, the repository's ``pbs2p``,
+``pbs2p_lab``, ``tests`` and ``pyproject.toml`` are copied to a temporary folder, the edit is applied there
+(never to this tree), and the method-core tests (``tests/library/algorithms`` without the subprocess pins,
+and ``tests/library/kernels/test_native_sweep.py``) run against the copy with ``pytest -x``; the first
+failing test is recorded. A control run without an edit must pass. Writes
+``benchmarks/results/mutation/injected_bugs.{json,md}`` and exits 1 if a bug survives.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "mutation"
 METHOD = "pbs2p/algorithms/method.py"
+SWEEP = "pbs2p/kernels/csrc/sweep.cpp"
 TESTS = ["tests/library/algorithms", "tests/library/kernels/test_native_sweep.py",
          "--deselect", "tests/library/algorithms/test_pins.py"]
 
@@ -37,6 +40,10 @@ BUGS: dict[str, tuple[str, str, str]] = {
     "SPBO's refit between steps removed": (METHOD, "if i + 1 < len(steps):", "if False:"),
     "act-order reversed": (METHOD, "argsort(g[idx], descending=True", "argsort(g[idx], descending=False"),
     "dead input columns not zeroed": (METHOD, "W[:, prep.dead] = 0.0", "pass"),
+    # the same arithmetic in the native group loop (caught by its bit-for-bit test against the torch loop)
+    "native loop: within-group update sign flipped": (SWEEP, "target[r] = target[r] - product;",
+                                                      "target[r] = target[r] + product;"),
+    "native loop: 1/U_jj factor dropped": (SWEEP, "E[row + r] = diff / dj;", "E[row + r] = diff;"),
 }
 
 # imports pbs2p from the current folder, not from an editable install of this tree
@@ -86,10 +93,10 @@ def main() -> int:
     lines = ["# Injected bugs in the method core (`python benchmarks/injected_bugs.py`)", "",
              f"Tests: `pytest -x {' '.join(TESTS)}` on a copy of the tree with one edit. Control run without an "
              f"edit: {'passed' if control_ok else 'FAILED'} ({results['control (no edit)']['seconds']:.0f} s).", "",
-             "| bug | edit in `pbs2p/algorithms/method.py` | first failing test | s |", "|---|---|---|---:|"]
+             "| bug | file | edit | first failing test | s |", "|---|---|---|---|---:|"]
     for name, r in results.items():
         if r["edit"]:
-            lines.append(f"| {name} | `{r['edit'][1]}` → `{r['edit'][2]}` | "
+            lines.append(f"| {name} | `{r['edit'][0]}` | `{r['edit'][1]}` → `{r['edit'][2]}` | "
                          f"{'`' + r['first_failure'] + '`' if caught[name] else '**none: survived**'} | "
                          f"{r['seconds']:.0f} |")
     lines += ["", f"Caught: {sum(caught.values())} of {len(caught)}."]

@@ -60,6 +60,15 @@ def lm_eval_run(folder: Path, tasks: list[str], limit: int, batch_size: int, wor
     return metrics, ["python", "-m", "pbs2p_lab.lm_eval", *args]
 
 
+def folder_record(folder: Path) -> dict | None:
+    """How the folder was made, from the record ``pbs2p compress`` writes next to it (``None`` without one)."""
+    path = folder / "pbs2p_compress.json"
+    if not path.is_file():
+        return None
+    made = json.loads(path.read_text())
+    return {k: made.get(k) for k in ("command", "label", "bits_per_weight", "calibration", "versions", "wall_s")}
+
+
 def compare(ours: dict, theirs: dict) -> list[dict]:
     rows = []
     for task in ours:
@@ -77,7 +86,12 @@ def write(record: dict, out: Path) -> Path:
     (out / f"{stem}.json").write_text(json.dumps(record, indent=1) + "\n")
     lines = [f"# lm-eval's command line vs `pbs2p eval` on `{Path(record['model']).name}`", "",
              f"`{record['command']}`. Kernel path: `{record['kernel_backend']}`. Same first {record['limit']} "
-             "examples of each task; the metric is named per row.", "",
+             "examples of each task; the metric is named per row."]
+    made = record.get("compressed_by")
+    if made:
+        lines += ["", f"The folder: `{made['command']}` ({made['label']}, {made['bits_per_weight']:.3f} honest "
+                  f"bits/weight, {made['wall_s']:.0f} s)."]
+    lines += ["",
              f"- pbs2p eval: `{' '.join(record['pbs2p_eval_command'])}` ({record['pbs2p_eval_s']:.0f} s)",
              f"- lm-eval: `{' '.join(record['lm_eval_command'])}` ({record['lm_eval_s']:.0f} s)", "",
              "| task | metric | examples | pbs2p eval | lm-eval | equal |", "|---|---|---:|---:|---:|---|"]
@@ -112,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         t2 = time.perf_counter()
     rows = compare(ours, theirs)
     ours_cmd, theirs_cmd = ([c.replace(tmp, "$TMP") for c in cmd] for cmd in (ours_cmd, theirs_cmd))
-    record = {"model": str(args.model), "tasks": tasks, "limit": args.limit, "batch_size": args.batch_size,
+    record = {"model": str(args.model), "compressed_by": folder_record(args.model),
+              "tasks": tasks, "limit": args.limit, "batch_size": args.batch_size,
               "command": " ".join(["python", "benchmarks/lm_eval_agreement.py", *(argv or sys.argv[1:])]),
               "kernel_backend": ops.kernel_backend(), "versions": package_versions(),
               "pbs2p_eval_command": ours_cmd, "lm_eval_command": theirs_cmd,

@@ -6,5 +6,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export TORCHAO_FORCE_SKIP_LOADING_SO_FILES=1
 .venv/bin/ruff check pbs2p pbs2p_lab tests benchmarks scripts
-.venv/bin/python -m pytest -q "$@"
+.venv/bin/python -m pytest -q --durations=15 "$@"
 bash scripts/check_core_install.sh
