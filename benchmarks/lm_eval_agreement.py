@@ -73,33 +73,29 @@ def compare(ours: dict, theirs: dict) -> list[dict]:
     rows = []
     for task in ours:
         for metric in METRICS:
-            if metric in ours[task] or metric in theirs.get(task, {}):
-                a, b = ours[task].get(metric), theirs.get(task, {}).get(metric)
+            if metric in ours[task] or metric in theirs[task]:
+                a, b = ours[task].get(metric), theirs[task].get(metric)
                 rows.append({"task": task, "metric": metric, "n": [ours[task]["n"], theirs[task]["n"]],
                              "pbs2p_eval": a, "lm_eval": b, "equal": a == b and ours[task]["n"] == theirs[task]["n"]})
     return rows
 
 
 def write(record: dict, out: Path) -> Path:
+    from pbs2p_lab.report import agreement_table
+
     out.mkdir(parents=True, exist_ok=True)
     stem = f"agreement_{Path(record['model']).name}"
     (out / f"{stem}.json").write_text(json.dumps(record, indent=1) + "\n")
     lines = [f"# lm-eval's command line vs `pbs2p eval` on `{Path(record['model']).name}`", "",
-             f"`{record['command']}`. Kernel path: `{record['kernel_backend']}`. Same first {record['limit']} "
-             "examples of each task; the metric is named per row."]
+             f"`{record['command']}`. Kernel path: `{record['kernel_backend']}`."]
     made = record.get("compressed_by")
     if made:
         lines += ["", f"The folder: `{made['command']}` ({made['label']}, {made['bits_per_weight']:.3f} honest "
                   f"bits/weight, {made['wall_s']:.0f} s)."]
     lines += ["",
-             f"- pbs2p eval: `{' '.join(record['pbs2p_eval_command'])}` ({record['pbs2p_eval_s']:.0f} s)",
-             f"- lm-eval: `{' '.join(record['lm_eval_command'])}` ({record['lm_eval_s']:.0f} s)", "",
-             "| task | metric | examples | pbs2p eval | lm-eval | equal |", "|---|---|---:|---:|---:|---|"]
-    for r in record["rows"]:
-        fmt = (lambda v: "—" if v is None else f"{v:.4f}")
-        lines.append(f"| {r['task']} | {r['metric']} | {r['n'][0]} | {fmt(r['pbs2p_eval'])} | {fmt(r['lm_eval'])} | "
-                     f"{'yes' if r['equal'] else 'NO'} |")
-    lines += ["", f"All equal: **{'yes' if record['all_equal'] else 'no'}**."]
+              f"- pbs2p eval: `{' '.join(record['pbs2p_eval_command'])}` ({record['pbs2p_eval_s']:.0f} s)",
+              f"- lm-eval: `{' '.join(record['lm_eval_command'])}` ({record['lm_eval_s']:.0f} s)", "",
+              agreement_table(record), "", f"All equal: **{'yes' if record['all_equal'] else 'no'}**."]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     return out / f"{stem}.md"
 

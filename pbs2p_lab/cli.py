@@ -398,7 +398,8 @@ def _check_text_file(path: Path) -> None:
 
 
 def _open_dataset(args: argparse.Namespace) -> None:
-    """Open ``--calib-dataset`` before the model loads (``args.dataset``), refusing what cannot be used."""
+    """Open ``--calib-dataset`` before the model loads, refusing what cannot be used: sets ``args.dataset`` to
+    ``(rows, description)``, or ``None``."""
     args.dataset = None
     dataset_options = {"--calib-split": args.calib_split, "--calib-column": args.calib_column,
                        "--calib-rows": args.calib_rows}
@@ -409,13 +410,14 @@ def _open_dataset(args: argparse.Namespace) -> None:
         return
     if args.calib_text is not None:
         raise CommandError("--calib-text and --calib-dataset are two calibration sources: give one")
-    from pbs2p_lab.data.text_dataset import load_text_dataset
+    from pbs2p_lab.data.text_dataset import describe_text_dataset, load_text_dataset
 
+    split, column = args.calib_split or "train", args.calib_column or "text"
     try:
-        args.dataset = load_text_dataset(args.calib_dataset, split=args.calib_split or "train",
-                                         column=args.calib_column or "text", rows=args.calib_rows or 2000)
+        rows = load_text_dataset(args.calib_dataset, split=split, column=column, rows=args.calib_rows or 2000)
     except ValueError as exc:
         raise CommandError(f"--calib-dataset: {exc}") from exc
+    args.dataset = rows, describe_text_dataset(args.calib_dataset, rows, split=split, column=column)
 
 
 def _calibration_set(tokenizer, args: argparse.Namespace, split):
@@ -425,25 +427,20 @@ def _calibration_set(tokenizer, args: argparse.Namespace, split):
 
     if args.nsamples == 0:
         return None, None
+    sampling = args.nsamples, args.calib_seqlen, args.seed
     if args.calib_text is None and args.dataset is None:
-        tokens = calibration_tokens(tokenizer, args.nsamples, args.calib_seqlen, args.seed, split)
-        return tokens, describe_calibration(args.nsamples, args.calib_seqlen, args.seed, split)
+        return calibration_tokens(tokenizer, *sampling, split), describe_calibration(*sampling, split)
     from pbs2p import calibration_tokens as text_tokens
 
-    flag, source = ("--calib-text", args.calib_text) if args.dataset is None else ("--calib-dataset", args.dataset)
-    column = args.calib_column or "text"
-    try:
-        tokens = text_tokens(source, tokenizer, args.nsamples, args.calib_seqlen, args.seed, column=column)
-    except (TypeError, ValueError) as exc:
-        raise CommandError(f"{flag} {getattr(args, flag[2:].replace('-', '_'))}: {exc}") from exc
     if args.dataset is None:
-        return tokens, describe_calibration(args.nsamples, args.calib_seqlen, args.seed, split, args.calib_text)
-    from pbs2p_lab.data.text_dataset import describe_text_dataset
-
-    described = describe_calibration(args.nsamples, args.calib_seqlen, args.seed, split)
-    described.pop("calibration_articles")
-    return tokens, {**described, **describe_text_dataset(args.calib_dataset, args.dataset,
-                                                         split=args.calib_split or "train", column=column)}
+        flag, given, source, dataset = "--calib-text", args.calib_text, args.calib_text, None
+    else:
+        flag, given, (source, dataset) = "--calib-dataset", args.calib_dataset, args.dataset
+    try:
+        tokens = text_tokens(source, tokenizer, *sampling)
+    except (TypeError, ValueError) as exc:
+        raise CommandError(f"{flag} {given}: {exc}") from exc
+    return tokens, describe_calibration(*sampling, split, args.calib_text, dataset)
 
 
 def _compress(model, args: argparse.Namespace, calibration_set, options) -> dict:

@@ -216,13 +216,14 @@ def _list_table(record: list) -> str:
     return "\n".join(lines)
 
 
-def _agreement_table(record: dict) -> str:
+def agreement_table(record: dict) -> str:
+    """The table of ``benchmarks/lm_eval_agreement.py``: each task's metric from ``pbs2p eval`` and from lm-eval."""
     lines = [f"`pbs2p eval` against lm-eval's command line on `{record['model']}`, the same first {record['limit']} "
              "examples of each task (accuracy as a fraction; the metric is named per row):", "",
-             "| task | metric | pbs2p eval | lm-eval | equal |", "|---|---|---:|---:|---|"]
+             "| task | metric | examples | pbs2p eval | lm-eval | equal |", "|---|---|---:|---:|---:|---|"]
     for r in record["rows"]:
         cells = " | ".join("–" if v is None else f"{v:.4f}" for v in (r["pbs2p_eval"], r["lm_eval"]))
-        lines.append(f"| {r['task']} | {r['metric']} | {cells} | {'yes' if r['equal'] else 'no'} |")
+        lines.append(f"| {r['task']} | {r['metric']} | {r['n'][0]} | {cells} | {'yes' if r['equal'] else 'NO'} |")
     return "\n".join(lines)
 
 
@@ -232,7 +233,7 @@ _KINDS: list[tuple[str, Callable[[object], bool], Callable]] = [
     ("quality", lambda r: isinstance(r, dict) and isinstance(r.get("entries"), dict) and "context" in r,
      quality_table),
     ("lm-eval agreement", lambda r: isinstance(r, dict) and "all_equal" in r and isinstance(r.get("rows"), list),
-     _agreement_table),
+     agreement_table),
     ("layer errors", lambda r: isinstance(r, dict) and r.get("schema") == "pbs2p-layer-error-v1", _layer_error_table),
     ("kernel latency", lambda r: isinstance(r, dict) and "meta" in r and "rows" in r, _kernel_table),
     ("decode speed", lambda r: isinstance(r, dict) and isinstance(r.get("rows"), dict) and "kernel_backend" in r,

@@ -74,15 +74,18 @@ def calibration_tokens(
 
 
 def describe_calibration(nsamples: int, seqlen: int, seed: int, split: TextSplit,
-                         text_file: str | os.PathLike[str] | None = None) -> dict:
+                         text_file: str | os.PathLike[str] | None = None, dataset: dict | None = None) -> dict:
     """JSON-ready description of a calibration set drawn with :func:`calibration_tokens` (or, from
-    ``text_file``, with :func:`pbs2p.calibration_tokens`)."""
+    ``text_file`` or a ``dataset`` described by :func:`~pbs2p_lab.data.text_dataset.describe_text_dataset`,
+    with :func:`pbs2p.calibration_tokens`)."""
     sampler = {
         "sampler": "uniform random start offsets, torch.Generator().manual_seed(seed), overlap allowed",
         "nsamples": nsamples,
         "seqlen": seqlen,
         "seed": seed,
     }
+    if dataset is not None:
+        return {**dataset, **sampler}
     if text_file is not None:
         data = Path(text_file).read_bytes()
         return {"source": f"text file {text_file}", **sampler, "text_file_sha256": hashlib.sha256(data).hexdigest(),

@@ -13,7 +13,7 @@ dataset costs what those rows cost.
 Example::
 
     from pbs2p_lab.data.text_dataset import load_text_dataset
-    rows = load_text_dataset("my_corpus.jsonl", column="text", rows=500)
+    rows = load_text_dataset("my_corpus.jsonl", column="body", rows=500)   # its texts in rows["text"]
 """
 
 from __future__ import annotations
@@ -27,27 +27,28 @@ DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parque
 
 
 def load_text_dataset(source: str, *, split: str = "train", column: str = "text", rows: int = 2000):
-    """The first ``rows`` rows of ``source``'s ``split`` as a ``datasets.Dataset`` with a str ``column``.
+    """The first ``rows`` rows of ``source``'s ``split`` as a ``datasets.Dataset`` whose one column, ``text``,
+    holds the texts of ``column``.
 
-    Raises ``ValueError`` naming the cause: a source ``datasets`` cannot open, a missing split or column, a
-    column that does not hold text, an empty dataset.
+    Raises ``ValueError`` naming the cause: a source ``datasets`` cannot open (or a file it does not read), a
+    missing split or column, a column that does not hold text, an empty dataset.
     """
     import datasets
 
     if not isinstance(rows, int) or isinstance(rows, bool) or rows < 1:
         raise ValueError(f"rows must be an int >= 1, got {rows!r}")
-    path = Path(source)
+    path, suffix = Path(source), Path(source).suffix.lower()
+    if path.is_file() and suffix not in DATA_FILE_BUILDERS:
+        raise ValueError(f"{source}: datasets reads {', '.join(DATA_FILE_BUILDERS)} files, not {suffix or 'this'}")
+    if not path.exists() and (suffix in DATA_FILE_BUILDERS or path.is_absolute() or source.startswith(".")):
+        raise ValueError(f"{source} does not exist")
     try:
         if path.is_dir():
             ds = datasets.load_from_disk(str(path))
-        elif path.suffix.lower() in DATA_FILE_BUILDERS and path.is_file():
-            ds = datasets.load_dataset(DATA_FILE_BUILDERS[path.suffix.lower()], data_files={split: str(path)})
-        elif path.suffix.lower() in DATA_FILE_BUILDERS or path.is_absolute() or source.startswith("."):
-            raise ValueError(f"{source} does not exist")
+        elif path.is_file():
+            ds = datasets.load_dataset(DATA_FILE_BUILDERS[suffix], data_files={split: str(path)})
         else:
             ds = datasets.load_dataset(source)
-    except ValueError:
-        raise
     except Exception as exc:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ConnectionError)
         raise ValueError(f"datasets cannot open {source!r}: {type(exc).__name__}: {exc}") from exc
     if isinstance(ds, datasets.DatasetDict):
@@ -61,7 +62,8 @@ def load_text_dataset(source: str, *, split: str = "train", column: str = "text"
         raise ValueError(f"column {column!r} of {source} holds {ds.features[column]}, not text")
     if len(ds) == 0:
         raise ValueError(f"{source} ({split}) has no rows")
-    return ds.select_columns([column]).select(range(min(rows, len(ds))))
+    ds = ds.select_columns([column]).select(range(min(rows, len(ds))))
+    return ds if column == "text" else ds.rename_column(column, "text")
 
 
 def describe_text_dataset(source: str, ds, *, split: str, column: str) -> dict:

@@ -166,6 +166,7 @@ CALIB_DATASET_REFUSALS = {
     "no such column": (lambda t: ["--calib-dataset", str(_jsonl(t))], "has no column 'text' (it has body, n)"),
     "not text": (lambda t: ["--calib-dataset", str(_jsonl(t)), "--calib-column", "n"], "not text"),
     "empty": (lambda t: ["--calib-dataset", str(_jsonl(t, [])), "--calib-column", "body"], "cannot open"),
+    "unread suffix": (lambda t: ["--calib-dataset", __file__], "datasets reads .json, .jsonl"),
     "two sources": (lambda t: ["--calib-dataset", str(_jsonl(t)), "--calib-text", __file__], "give one"),
     "column alone": (lambda t: ["--calib-column", "body"], "act only with --calib-dataset"),
     "data-free": (lambda t: ["--calib-dataset", str(_jsonl(t)), "--nsamples", "0"], "act only with calibration"),
