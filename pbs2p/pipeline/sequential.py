@@ -35,6 +35,7 @@ from .blocks import BlockSource, InMemoryBlocks, move
 from .capture import BlockCall, StopAt, capture, check_calibration
 from .checkpoint import Checkpoint, CheckpointBlocks
 from .families import is_conv1d, linears_as_nn_linear
+from .host_memory import release_free_memory
 from .ranks import Ranks
 from .scale_tuning import ScaleTuning, tune_block_scales
 
@@ -191,6 +192,7 @@ class SequentialRunner:
             if not own or not self.source.restores_in_place:
                 self._originals.pop(mod, None)
         self.source.close(i, work, done)
+        release_free_memory()
 
     def finish(self) -> None:
         """After a successful run: let the source write what remains; free the offloaded activations."""
@@ -394,6 +396,7 @@ class SequentialRunner:
                         del originals[name]
                         self._originals.pop(lin, None)
                 del hessians, results
+                release_free_memory()
             tune = None
             if target is not None and parts:  # compressors that return a Compressed are tuned
                 tuned = {n: (linears[n], p) for n, p in parts.items()}
