@@ -11,6 +11,8 @@
 
 from . import interop
 from .config import PBS2P
+from .embeddings import EmbeddingsReport, int8_embeddings_
+from .generation import Generation, Generator, generate
 from .pipeline import CFS, CalibrationResult, Checkpoint, ScaleTuning, calibrate, calibration_tokens
 from .quantize import ConversionReport, compress_weight, conversion_report, quantize_
 from .tensor import BinarySparseTensor
@@ -26,10 +28,15 @@ __all__ = [
     "CalibrationResult",
     "Checkpoint",
     "ConversionReport",
+    "EmbeddingsReport",
+    "Generation",
+    "Generator",
     "ScaleTuning",
     "calibrate",
     "calibration_tokens",
     "compress_weight",
     "conversion_report",
+    "generate",
+    "int8_embeddings_",
     "quantize_",
 ]

@@ -1,4 +1,4 @@
-"""Command line: ``pbs2p {fetch,compress,eval,run,report}`` (also ``python -m pbs2p``).
+"""Command line: ``pbs2p {fetch,compress,eval,run,generate,report}`` (also ``python -m pbs2p``).
 
 ``pbs2p run`` is the main job: load SmolLM2, measure FP perplexity on held-out Wikipedia text, compress
 the decoder blocks' linears with PBS²P, measure again, print FP vs compressed and write a result JSON.
@@ -13,6 +13,7 @@ Examples::
     pbs2p compress --model path/to/hf_folder --calib-text my_domain.txt --out runs/mine_4of8
     pbs2p compress --model path/to/hf_folder --calib-dataset my_corpus.jsonl --calib-rows 500 --out runs/c_4of8
     pbs2p eval --model runs/mine_4of8 --tasks piqa,path/to/my_task.yaml --limit 100
+    pbs2p generate --model runs/smollm2_6of8 --prompt "The history of" --max-new-tokens 64 --embeddings int8
     pbs2p report benchmarks/results/*/*.json --out benchmarks/report
 
 ``compress`` and ``eval`` need ``--model``; ``run`` defaults to SmolLM2. ``--tasks`` takes the bundled offline
@@ -150,6 +151,27 @@ def _placement(args: argparse.Namespace):
     return device, dtype
 
 
+def _add_embeddings(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--embeddings", choices=("model", "int8"), default="model",
+                   help="int8: store the input embedding and LM head as int8 rows with a scale per row (tied stay "
+                        "tied; pbs2p.int8_embeddings_, beyond the paper; changes the outputs); default model: as "
+                        "the model holds them")
+
+
+def _apply_embeddings(model, args: argparse.Namespace) -> dict | None:
+    """Apply ``--embeddings``; what was done, for the result record (``None`` when nothing was asked)."""
+    if args.embeddings == "model":
+        return None
+    from pbs2p import int8_embeddings_
+
+    try:
+        report = int8_embeddings_(model)
+    except (TypeError, ValueError) as exc:
+        raise CommandError(f"--embeddings int8: {exc}") from exc
+    return {"format": "int8 rows, float32 scale per row", "tied": report.tied,
+            "bytes_before": report.bytes_before, "bytes_after": report.bytes_after}
+
+
 def _fp_label(args: argparse.Namespace) -> str:
     return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[args.dtype]
 
@@ -236,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_placement(p)
     _add_measure(p, tasks_default="none")
     p.add_argument("--no-ppl", action="store_true", help="skip perplexity")
+    _add_embeddings(p)
     p.add_argument("--out", type=Path, help="result JSON to write")
 
     p = sub.add_parser("run", help="FP vs PBS2P on SmolLM2: perplexity, bits/weight, size, time")
@@ -245,6 +268,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_measure(p, tasks_default="none")
     p.set_defaults(ppl_limit=40)
     p.add_argument("--out", type=Path, help="result JSON (default runs/run_<model>_<N>of<M>.json)")
+
+    p = sub.add_parser("generate", help="greedy generation (static cache, compiled step): streams text, prints "
+                                        "tokens/s")
+    _add_model(p)
+    _add_placement(p)
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=_positive, default=128, help="tokens to generate (default 128)")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
+    p.add_argument("--no-compile", action="store_true", help="run the decode step eagerly")
+    _add_embeddings(p)
 
     p = sub.add_parser("report", help="markdown table + plots from result JSONs")
     p.add_argument("files", nargs="+", type=Path)
@@ -258,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pbs2p_lab.assets import AssetError, OutputFolderError
 
     commands = {"fetch": _cmd_fetch, "compress": _cmd_compress, "eval": _cmd_eval, "run": _cmd_run,
-                "report": _cmd_report}
+                "generate": _cmd_generate, "report": _cmd_report}
     try:
         return commands[args.command](args)
     except (AssetError, CommandError, OutputFolderError) as exc:
@@ -564,19 +597,67 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, dtype=dtype)
     model.to(device)
     load_s = time.perf_counter() - start
+    embeddings = _apply_embeddings(model, args)
     split = load_split()
     kwargs = _measure_kwargs(args)
     kwargs["measure_ppl"] = not args.no_ppl
     described = meta or _quantization_of(model) or {"label": _fp_label(args), "method": "fp"}
+    if embeddings:
+        described = {**described, "label": described["label"] + " + int8 embeddings"}
     known = {k: described.get(k) for k in ("nm", "config", "bits_per_weight", "bits_per_weight_kept", "per_layer")}
     entry = measure_entry(model, tokenizer, label=described["label"], method=described["method"],
                           split=split, wall_s={"load": load_s}, **known, **kwargs)
     model_record = {**meta["model"], "compressed_folder": args.model} if meta else _model_record(args.model, model)
     record = {**result_header(), "model": model_record, "split": split.describe(),
               "calibration": meta.get("calibration") if meta else None, "entries": [entry]}
+    if embeddings:
+        record["embeddings"] = embeddings
     if args.out:
         write_result(args.out, record)
     print(markdown_table([{"model": model_record["name"], **entry}]))
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from pbs2p import Generator
+    from pbs2p_lab.assets import load_model
+
+    device, dtype = _placement(args)
+    model, tokenizer = load_model(args.model, dtype=dtype)
+    model.to(device).eval()
+    _apply_embeddings(model, args)
+    ids = tokenizer(args.prompt, return_tensors="pt").input_ids.to(device)
+    if ids.shape[1] == 0:
+        raise CommandError("--prompt gives no tokens")
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and ids.shape[1] + args.max_new_tokens > limit:
+        raise CommandError(f"prompt ({ids.shape[1]} tokens) plus --max-new-tokens {args.max_new_tokens} exceed the "
+                           f"model's {limit} positions")
+    generator = Generator(model, ids.shape[1] + args.max_new_tokens, compile=not args.no_compile)
+    tokens: list[int] = []
+    shown = ""
+
+    def stream(token: int) -> None:  # print the text each new token completes
+        nonlocal shown
+        tokens.append(token)
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        if text.startswith(shown) and not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+
+    sys.stdout.write(args.prompt)
+    out = generator(ids, args.max_new_tokens, eos_token_id=None if args.ignore_eos else tokenizer.eos_token_id,
+                    on_token=stream)
+    rest = tokenizer.decode(tokens, skip_special_tokens=True)
+    sys.stdout.write((rest[len(shown):] if rest.startswith(shown) else "") + "\n")
+    compiled = f", compile {out.compile_s:.1f} s" if out.compile_s else ""
+    print(f"pbs2p generate: {len(out.tokens)} new tokens; prefill {ids.shape[1]} tokens in {out.prefill_s:.2f} s"
+          f"{compiled}; decode {out.tokens_per_s:.1f} tokens/s ({out.decode_steps} steps, "
+          f"{'eager' if args.no_compile else 'compiled'}, {torch.get_num_threads()} threads, {device}, "
+          f"{args.dtype})", file=sys.stderr)
     return 0
 
 

@@ -48,6 +48,7 @@ SOURCES = (
     "kernels_avx2.cpp",
     "kernels_avx512.cpp",
     "sweep.cpp",
+    "int8_rows.cpp",
 )
 HEADERS = ("kernels.h", "work_pool.h")
 CFLAGS = ("-O3", "-fno-math-errno")
@@ -208,6 +209,7 @@ def _register() -> None:
     """The operator's fake (shape) and autograd formulas, registered once per process."""
     torch.library.register_fake("pbs2p::bsp_linear")(_fake_bsp_linear)
     torch.library.register_autograd("pbs2p::bsp_linear", _backward_bsp_linear, setup_context=_setup_bsp_linear)
+    torch.library.register_fake("pbs2p::int8_rows_linear")(_fake_int8_rows_linear)
 
 
 @functools.cache
@@ -245,6 +247,10 @@ def build_seconds() -> float | None:
 def _fake_bsp_linear(x, codes, alpha, mu, bias, n, m, scale_block):  # noqa: ANN001, ANN202
     torch._check(x.shape[-1] == codes.shape[1] * m, lambda: "in_features do not match codes")
     return x.new_empty((*x.shape[:-1], alpha.shape[0]))
+
+
+def _fake_int8_rows_linear(x, q, scale):  # noqa: ANN001, ANN202
+    return x.new_empty((*x.shape[:-1], q.shape[0]))
 
 
 def _setup_bsp_linear(ctx, inputs, output) -> None:  # noqa: ANN001

@@ -180,3 +180,22 @@ def bsp_linear(
         _warn_once(reason)
     y = reference_linear(x, codes, alpha, mu, bias, n, m, scale_block)
     return _maybe_nonfinite(y, x, alpha, mu, True)
+
+
+def int8_rows_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x @ (scale[:, None] * q).T`` for an int8 matrix ``q`` with one float32 ``scale`` per row, in ``x``'s dtype.
+
+    The native operator ``pbs2p::int8_rows_linear`` runs for float32 and bfloat16 activations on the CPU
+    (sums in float32); other calls, and calls that need gradients, run the same product in torch.
+
+    >>> q = torch.tensor([[1, -2], [3, 4]], dtype=torch.int8)
+    >>> int8_rows_linear(torch.tensor([[1.0, 1.0]]), q, torch.tensor([0.5, 2.0]))
+    tensor([[-0.5000, 14.0000]])
+    """
+    check_activations(x)
+    native_ok = (x.device.type == "cpu" and q.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+                 and not (x.requires_grad and torch.is_grad_enabled()))
+    if native_ok and kernel_backend() != "torch":
+        return torch.ops.pbs2p.int8_rows_linear(x, q, scale)
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (torch.nn.functional.linear(x.to(compute), q.to(compute)) * scale.to(compute)).to(x.dtype)

@@ -85,6 +85,12 @@ std::atomic<int>& current_isa() {
 
 std::string kernel_isa() { return kIsaNames[current_isa().load()]; }
 
+}  // namespace
+
+int active_isa() { return current_isa().load(); }
+
+namespace {
+
 std::vector<std::string> supported_kernel_isas() {
   std::vector<std::string> names;
   for (int i = kScalar; i <= kAvx512; ++i) {

@@ -76,6 +76,20 @@ struct ExpandArgs {
 void expand_bf16_generic(const ExpandArgs& a);
 void expand_f32_generic(const ExpandArgs& a);
 
+// One call of the int8 row product (the compact embedding / LM head, int8_rows.cpp): for the `nb`
+// float32 activation rows x[b] (K each, `ldx` floats apart) and rows [r0, r1) of the int8 matrix q
+// (K per row), y[b * ldy + r] = scale[r] * sum_c q[r, c] x[b, c], summed in float32.
+struct Int8RowsArgs {
+  const int8_t* q;
+  const float* scale;
+  const float* x;
+  int64_t K, ldx, nb, r0, r1, ldy;
+  float* y;
+};
+
+// The ISA the operators run with (pbs2p::_set_kernel_isa): 0 scalar, 1 AVX2, 2 AVX-512.
+int active_isa();
+
 // Every ISA provides the same functions; the driver (bsp_linear.cpp) picks one set.
 //   table_floats: floats of the tables of one (group, batch row)
 //   build_tables: the tables, from float32 or bfloat16 (bits, when x_bf16) activations: the 16
@@ -84,6 +98,7 @@ void expand_f32_generic(const ExpandArgs& a);
 //   lookup:       D + tables -> acc
 //   expand_bf16:  D -> bf16 W_hat rows
 //   expand_f32:   D -> float32 W_hat rows
+//   int8_rows:    the int8 row product (Int8RowsArgs)
 #define PBS2P_DECLARE_ISA(ns)                                                                 \
   namespace ns {                                                                              \
   extern const int kMaxNb;                                                                    \
@@ -94,6 +109,7 @@ void expand_f32_generic(const ExpandArgs& a);
   void lookup(const LookupArgs& a);                                                           \
   void expand_bf16(const ExpandArgs& a);                                                      \
   void expand_f32(const ExpandArgs& a);                                                       \
+  void int8_rows(const Int8RowsArgs& a);                                                      \
   }
 
 PBS2P_DECLARE_ISA(scalar)

@@ -151,6 +151,54 @@ void expand_f32(const ExpandArgs& a) {
   }
 }
 
+// Four rows at a time (four independent sums), 8 columns per step: sign-extend 8 int8 weights to
+// int32, convert to float32, fused multiply-add with the activations.
+static inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+static inline __m256 widen8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+void int8_rows(const Int8RowsArgs& a) {
+  const int64_t K = a.K, K8 = K / 8 * 8;
+  int64_t r = a.r0;
+  for (; r + 4 <= a.r1; r += 4) {
+    const int8_t* w = a.q + r * K;
+    for (int64_t b = 0; b < a.nb; ++b) {
+      const float* x = a.x + b * a.ldx;
+      __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+      for (int64_t c = 0; c < K8; c += 8) {
+        const __m256 xv = _mm256_loadu_ps(x + c);
+        s0 = _mm256_fmadd_ps(widen8(w + c), xv, s0);
+        s1 = _mm256_fmadd_ps(widen8(w + K + c), xv, s1);
+        s2 = _mm256_fmadd_ps(widen8(w + 2 * K + c), xv, s2);
+        s3 = _mm256_fmadd_ps(widen8(w + 3 * K + c), xv, s3);
+      }
+      float t[4] = {hsum8(s0), hsum8(s1), hsum8(s2), hsum8(s3)};
+      for (int j = 0; j < 4; ++j) {
+        for (int64_t c = K8; c < K; ++c) t[j] += static_cast<float>(w[j * K + c]) * x[c];
+        a.y[b * a.ldy + r + j] = t[j] * a.scale[r + j];
+      }
+    }
+  }
+  for (; r < a.r1; ++r) {
+    const int8_t* w = a.q + r * K;
+    for (int64_t b = 0; b < a.nb; ++b) {
+      const float* x = a.x + b * a.ldx;
+      __m256 s0 = _mm256_setzero_ps();
+      for (int64_t c = 0; c < K8; c += 8) s0 = _mm256_fmadd_ps(widen8(w + c), _mm256_loadu_ps(x + c), s0);
+      float t = hsum8(s0);
+      for (int64_t c = K8; c < K; ++c) t += static_cast<float>(w[c]) * x[c];
+      a.y[b * a.ldy + r] = t * a.scale[r];
+    }
+  }
+}
+
 }  // namespace pbs2p::avx2
 
 #pragma GCC pop_options

@@ -336,6 +336,55 @@ void expand_bf16(const ExpandArgs& a) {
 // float32 W_hat: the AVX2 expansion.
 void expand_f32(const ExpandArgs& a) { avx2::expand_f32(a); }
 
+// Four rows at a time (four independent sums), 16 columns per step: sign-extend 16 int8 weights to
+// int32, convert to float32, fused multiply-add with the activations; the last columns under a mask.
+static inline __m512 widen16(const int8_t* p, __mmask16 k) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(k, p)));
+}
+
+void int8_rows(const Int8RowsArgs& a) {
+  const int64_t K = a.K, K16 = K / 16 * 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (K - K16)) - 1u);
+  const __mmask16 all = 0xFFFF;
+  int64_t r = a.r0;
+  for (; r + 4 <= a.r1; r += 4) {
+    const int8_t* w = a.q + r * K;
+    for (int64_t b = 0; b < a.nb; ++b) {
+      const float* x = a.x + b * a.ldx;
+      __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+      for (int64_t c = 0; c < K16; c += 16) {
+        const __m512 xv = _mm512_loadu_ps(x + c);
+        s0 = _mm512_fmadd_ps(widen16(w + c, all), xv, s0);
+        s1 = _mm512_fmadd_ps(widen16(w + K + c, all), xv, s1);
+        s2 = _mm512_fmadd_ps(widen16(w + 2 * K + c, all), xv, s2);
+        s3 = _mm512_fmadd_ps(widen16(w + 3 * K + c, all), xv, s3);
+      }
+      if (tail) {
+        const __m512 xv = _mm512_maskz_loadu_ps(tail, x + K16);
+        s0 = _mm512_fmadd_ps(widen16(w + K16, tail), xv, s0);
+        s1 = _mm512_fmadd_ps(widen16(w + K + K16, tail), xv, s1);
+        s2 = _mm512_fmadd_ps(widen16(w + 2 * K + K16, tail), xv, s2);
+        s3 = _mm512_fmadd_ps(widen16(w + 3 * K + K16, tail), xv, s3);
+      }
+      float* y = a.y + b * a.ldy + r;
+      y[0] = _mm512_reduce_add_ps(s0) * a.scale[r];
+      y[1] = _mm512_reduce_add_ps(s1) * a.scale[r + 1];
+      y[2] = _mm512_reduce_add_ps(s2) * a.scale[r + 2];
+      y[3] = _mm512_reduce_add_ps(s3) * a.scale[r + 3];
+    }
+  }
+  for (; r < a.r1; ++r) {
+    const int8_t* w = a.q + r * K;
+    for (int64_t b = 0; b < a.nb; ++b) {
+      const float* x = a.x + b * a.ldx;
+      __m512 s0 = _mm512_setzero_ps();
+      for (int64_t c = 0; c < K16; c += 16) s0 = _mm512_fmadd_ps(widen16(w + c, all), _mm512_loadu_ps(x + c), s0);
+      if (tail) s0 = _mm512_fmadd_ps(widen16(w + K16, tail), _mm512_maskz_loadu_ps(tail, x + K16), s0);
+      a.y[b * a.ldy + r] = _mm512_reduce_add_ps(s0) * a.scale[r];
+    }
+  }
+}
+
 }  // namespace pbs2p::avx512
 
 #pragma GCC pop_options

@@ -74,4 +74,16 @@ void lookup(const LookupArgs& a) {
 void expand_bf16(const ExpandArgs& a) { expand_bf16_generic(a); }
 void expand_f32(const ExpandArgs& a) { expand_f32_generic(a); }
 
+void int8_rows(const Int8RowsArgs& a) {
+  for (int64_t r = a.r0; r < a.r1; ++r) {
+    const int8_t* w = a.q + r * a.K;
+    for (int64_t b = 0; b < a.nb; ++b) {
+      const float* x = a.x + b * a.ldx;
+      float acc = 0.0f;
+      for (int64_t c = 0; c < a.K; ++c) acc += static_cast<float>(w[c]) * x[c];
+      a.y[b * a.ldy + r] = acc * a.scale[r];
+    }
+  }
+}
+
 }  // namespace pbs2p::scalar

@@ -1,0 +1,115 @@
+"""``pbs2p.generate`` / ``Generator`` (static cache, compiled step) and ``pbs2p.int8_embeddings_``."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from pbs2p import PBS2P, Generator, generate, int8_embeddings_, quantize_
+from pbs2p.embeddings import Int8Embedding, Int8Head
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def tiny_llama(tied: bool = True, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied,
+                      max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def packed_llama() -> LlamaForCausalLM:
+    model = tiny_llama()
+    quantize_(model.model.layers, PBS2P(n=4, m=8))
+    return model
+
+
+def hf_greedy(model, ids: torch.Tensor, new: int) -> list[int]:
+    out = model.generate(ids, max_new_tokens=new, do_sample=False, min_new_tokens=new, pad_token_id=0)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def test_greedy_tokens_are_transformers_greedy_tokens():
+    model = packed_llama()
+    ids = torch.tensor([[5, 17, 3, 40]])
+    out = generate(model, ids, 10, compile=False)
+    assert out.tokens == hf_greedy(model, ids, 10)
+    assert out.decode_steps == 9 and out.compile_s == 0 and out.tokens_per_s > 0
+
+
+def test_compiled_step_gives_the_eager_tokens_and_compiles_once():
+    model = packed_llama()
+    ids = torch.tensor([[5, 17, 3, 40]])
+    eager = generate(model, ids, 8, compile=False)
+    gen = Generator(model, 16, compile=True)
+    first = gen(ids, 8)
+    again = gen(torch.tensor([[9, 1]]), 6)
+    assert first.tokens == eager.tokens
+    assert first.compile_s > 0 and first.decode_steps == 6  # the compiling step is not timed as decoding
+    assert again.compile_s == 0 and again.decode_steps == 5
+    assert again.tokens == generate(model, torch.tensor([[9, 1]]), 6, compile=False).tokens
+
+
+def test_stops_after_eos_and_streams_each_token():
+    model = packed_llama()
+    ids = torch.tensor([[5, 17, 3, 40]])
+    full = generate(model, ids, 8, compile=False).tokens
+    seen: list[int] = []
+    stopped = generate(model, ids, 8, compile=False, eos_token_id=full[2], on_token=seen.append).tokens
+    assert stopped == full[: full.index(full[2]) + 1] == seen
+
+
+@pytest.mark.parametrize("bad", [{"ids": torch.tensor([[1, 2]]), "new": 0}, {"ids": torch.tensor([1, 2]), "new": 2},
+                                 {"ids": torch.tensor([[1, 2], [3, 4]]), "new": 2},
+                                 {"ids": torch.tensor([[1] * 10]), "new": 7}])
+def test_bad_requests_are_refused(bad):
+    gen = Generator(tiny_llama(), 16, compile=False)
+    with pytest.raises(ValueError):
+        gen(bad["ids"], bad["new"])
+
+
+def test_int8_embeddings_keep_ties_and_stay_close():
+    model = packed_llama()
+    ids = torch.tensor([[5, 17, 3, 40, 2, 11]])
+    before = model(ids).logits
+    weight = model.model.embed_tokens.weight.detach().clone()
+    report = int8_embeddings_(model)
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    assert isinstance(emb, Int8Embedding) and isinstance(head, Int8Head)
+    assert report.tied and head.rows is emb.rows  # one int8 copy serves both
+    assert report.bytes_after == 96 * 64 + 96 * 4 and report.bytes_before == 96 * 64 * 4
+    after = model(ids).logits
+    err = (after - before).abs().max() / before.abs().max()
+    assert 0 < err < 0.02
+    rows = emb.rows.rows(torch.arange(96))  # within half a step of the weight each replaced
+    assert ((rows - weight).abs() <= emb.rows.scale[:, None] / 2 + 1e-7).all()
+    assert torch.equal(emb(ids[0]), rows[ids[0]])
+    assert len(generate(model, ids, 3, compile=False).tokens) == 3
+
+
+def test_untied_models_get_two_matrices():
+    model = tiny_llama(tied=False)
+    original = model.lm_head.weight.detach().clone()
+    report = int8_embeddings_(model)
+    assert not report.tied and model.lm_head.rows is not model.model.embed_tokens.rows
+    q, s = model.lm_head.rows.q.float(), model.lm_head.rows.scale
+    assert ((q * s[:, None] - original).abs() <= s[:, None] / 2 + 1e-7).all()
+    assert q.abs().amax(1).eq(127).all()  # symmetric: the largest weight of each row maps to +-127
+
+
+def test_refusals_leave_the_model_unchanged():
+    model = tiny_llama()
+    model.model.embed_tokens.weight.data[3, 5] = float("nan")
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="finite"):
+        int8_embeddings_(model)
+    assert type(model.model.embed_tokens) is torch.nn.Embedding
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, state[k], rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(TypeError, match="get_input_embeddings"):
+        int8_embeddings_(torch.nn.Linear(4, 4))
