@@ -63,17 +63,20 @@ class LlamaCpp:
         self.np, self.prompt, self.new_tokens = np, prompt[0].tolist(), new_tokens
         self.llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=len(self.prompt) + new_tokens + 8, n_threads=threads,
                                    n_threads_batch=threads, n_batch=512, logits_all=False, verbose=False)
-        self.version = llama_cpp.__version__
+        self.version, self.vocab = llama_cpp.__version__, self.llm.n_vocab()
+
+    def _argmax(self) -> int:  # the last evaluated position's logits (the only ones kept)
+        return int(self.np.argmax(self.np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.vocab,))))
 
     def __call__(self) -> tuple[list[int], float, float]:
-        llm, np = self.llm, self.np
+        llm = self.llm
         llm.reset()
         llm.eval(self.prompt)
-        tokens = [int(np.argmax(llm.scores[llm.n_tokens - 1]))]
+        tokens = [self._argmax()]
         start = time.perf_counter()
         for _ in range(self.new_tokens - 1):
             llm.eval([tokens[-1]])
-            tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            tokens.append(self._argmax())
         return tokens, (self.new_tokens - 1) / (time.perf_counter() - start), 0.0
 
 

@@ -22,7 +22,7 @@ import torch
 
 @dataclass(frozen=True)
 class Generation:
-    """What :meth:`Generator.__call__` produced: the new ``tokens`` (ids); the seconds of the prefill (the prompt
+    """What a call of :class:`Generator` produced: the new ``tokens`` (ids); the seconds of the prefill (the prompt
     and the first new token); ``decode_steps`` timed decode steps and their ``decode_s`` seconds; ``compile_s``, the
     seconds of the step that compiled the decode step (the first compiled step of a generator; not timed as decoding).
 
@@ -40,7 +40,7 @@ class Generation:
 
     @property
     def tokens_per_s(self) -> float:
-        """Decode speed: timed decode steps per second (``nan`` when none was timed)."""
+        """The decode speed in timed decode steps per second (``nan`` when none was timed)."""
         return self.decode_steps / self.decode_s if self.decode_steps > 0 and self.decode_s > 0 else float("nan")
 
 

@@ -154,7 +154,7 @@ def _placement(args: argparse.Namespace):
 def _add_embeddings(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embeddings", choices=("model", "int8"), default="model",
                    help="int8: store the input embedding and LM head as int8 rows with a scale per row (tied stay "
-                        "tied; pbs2p.int8_embeddings_, beyond the paper; changes the outputs); default model: as "
+                        "tied; pbs2p.int8_embeddings_(), beyond the paper; changes the outputs); default model: as "
                         "the model holds them")
 
 

@@ -175,7 +175,7 @@ def _kernel_table(record: dict) -> str:
 
 
 def _decode_table(record: dict) -> str:
-    lines = [f"Greedy decoding, tokens per second (best of the runs; backend {record.get('kernel_backend')}, "
+    lines = [f"Greedy decoding, tokens per second (median of the runs; backend {record.get('kernel_backend')}, "
              f"{record.get('threads')} threads, {record.get('new_tokens')} new tokens):", "",
              "| model | tokens/s |", "|---|---:|"]
     lines += [f"| {name} | {row['tokens_per_s']:.1f} |" for name, row in record["rows"].items()]
@@ -228,7 +228,7 @@ def agreement_table(record: dict) -> str:
 
 
 _KINDS: list[tuple[str, Callable[[object], bool], Callable]] = [
-    ("evaluation", lambda r: isinstance(r, dict) and r.get("schema") == "pbs2p-result-v1",
+    ("evaluation", lambda r: isinstance(r, dict) and r.get("schema") == "pbs2p-result-v1" and "entries" in r,
      lambda r: markdown_table([{"model": r["model"]["name"], **e} for e in r["entries"]])),
     ("quality", lambda r: isinstance(r, dict) and isinstance(r.get("entries"), dict) and "context" in r,
      quality_table),

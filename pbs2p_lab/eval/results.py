@@ -9,8 +9,8 @@ A result file holds shared context (model, text split, calibration, versions, co
 ``bits_per_weight`` is honest: every stored bit of the compressed linears (signs, kept-set index, alpha,
 mu) over their number of weights (for an uncompressed model: the bits of its dtype). ``bits_per_weight_kept``
 is the convention of the paper's peers: 1 bit per kept weight and nothing else (N/M, averaged over the
-linears when CFS gives blocks different N). ``size_mb`` is the whole model: every parameter at its
-stored size, tied parameters once, in 10^6 bytes. ``per_layer`` lists each compressed linear with
+linears when CFS gives blocks different N). ``size_mb`` is the whole model: every parameter and
+persistent buffer at its stored size, tied ones once, in 10^6 bytes. ``per_layer`` lists each compressed linear with
 ``weight_rel_error`` ‖W − Ŵ‖/‖W‖ and, when calibrated, ``output_rel_error`` ‖(W − Ŵ)X‖/‖WX‖.
 """
 
@@ -51,8 +51,14 @@ def _tensor_nbytes(tensor: torch.Tensor) -> int:
 
 
 def model_size_bytes(model: torch.nn.Module) -> int:
-    """Bytes of all parameters (tied parameters counted once, packed weights at their packed size)."""
-    return sum(_tensor_nbytes(p) for p in model.parameters())
+    """Bytes of all parameters and persistent buffers (e.g. the int8 rows of ``pbs2p.int8_embeddings_``), tied or
+    shared tensors counted once, packed weights at their packed size."""
+    seen: dict[int, torch.Tensor] = {id(p): p for p in model.parameters()}
+    for module in model.modules():
+        for name, buf in module._buffers.items():
+            if buf is not None and name not in module._non_persistent_buffers_set:
+                seen.setdefault(id(buf), buf)
+    return sum(_tensor_nbytes(t) for t in seen.values())
 
 
 def result_header(command: str | None = None) -> dict:

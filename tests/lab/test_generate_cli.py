@@ -44,7 +44,9 @@ def test_generate_refuses_bad_requests(capsys):
     assert "exceed the model's" in capsys.readouterr().err
 
 
-def test_eval_with_int8_embeddings_labels_and_records_it(tmp_path):
+def test_eval_with_int8_embeddings_labels_and_records_it(tmp_path, tiny):
+    from pbs2p_lab.eval.results import model_size_bytes
+
     out = tmp_path / "e.json"
     assert main(["eval", "--model", "tiny", "--seqlen", "64", "--ppl-limit", "2", "--embeddings", "int8",
                  "--out", str(out), "--no-progress"]) == 0
@@ -52,5 +54,8 @@ def test_eval_with_int8_embeddings_labels_and_records_it(tmp_path):
 
     record = json.loads(out.read_text())
     assert record["entries"][0]["label"] == "fp32 + int8 embeddings"
-    assert record["embeddings"]["format"].startswith("int8") and record["embeddings"]["bytes_after"] > 0
+    emb = record["embeddings"]
+    assert emb["format"].startswith("int8") and 0 < emb["bytes_after"] < emb["bytes_before"]
+    fp_bytes = model_size_bytes(tiny[0])  # the int8 rows are buffers: counted in the size like parameters
+    assert round(record["entries"][0]["size_mb"] * 1e6) == fp_bytes - emb["bytes_before"] + emb["bytes_after"]
     assert torch.get_num_threads() == 1
