@@ -14,21 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from pathlib import Path
 
 os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
 
 import torch  # noqa: E402
+from decode_speed import OUT, PROMPT, packed_copy  # noqa: E402 (the decode benchmark's model and prompt)
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import pbs2p  # noqa: E402
 from pbs2p.kernels.ops import kernel_backend  # noqa: E402
-from pbs2p.pipeline import decoder_blocks  # noqa: E402
 from pbs2p_lab.assets import load_model  # noqa: E402
 from pbs2p_lab.eval.results import package_versions  # noqa: E402
-
-OUT = Path(__file__).parent / "results" / "decode"
-PROMPT = "The history of the English language begins with the arrival of"  # the decode benchmark's
 
 
 def main() -> None:
@@ -40,11 +36,9 @@ def main() -> None:
     args = parser.parse_args()
     n, m = map(int, args.nm.split(":"))
     torch.set_num_threads(args.threads)
-    model, tokenizer = load_model("smollm2")
-    model.eval()
-    blocks = {id(mod) for block in decoder_blocks(model) for mod in block.modules()}
-    pbs2p.quantize_(model, pbs2p.PBS2P(n=n, m=m), filter_fn=lambda mod, _: id(mod) in blocks
-                    and isinstance(mod, torch.nn.Linear))
+    fp32, tokenizer = load_model("smollm2")
+    model, _ = packed_copy(fp32.eval(), n, m)
+    del fp32
     if args.embeddings == "int8":
         pbs2p.int8_embeddings_(model)
     prompt = tokenizer(PROMPT, return_tensors="pt").input_ids

@@ -80,6 +80,15 @@ class LlamaCpp:
         return tokens, (self.new_tokens - 1) / (time.perf_counter() - start), 0.0
 
 
+def packed_copy(model: torch.nn.Module, n: int, m: int) -> tuple[torch.nn.Module, pbs2p.ConversionReport]:
+    """A copy of ``model`` with its decoder blocks' linears packed by the data-free ``quantize_`` (N:M)."""
+    packed = copy.deepcopy(model)
+    blocks = {id(mod) for block in decoder_blocks(packed) for mod in block.modules()}
+    report = pbs2p.quantize_(packed, pbs2p.PBS2P(n=n, m=m), filter_fn=lambda mod, _: id(mod) in blocks
+                             and isinstance(mod, torch.nn.Linear))
+    return packed, report
+
+
 def agreement(a: list[int], b: list[int]) -> dict:
     """Greedy-token agreement: the length of the common prefix and the share of equal positions."""
     prefix = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
@@ -100,10 +109,7 @@ def main() -> None:
     fp32, tokenizer = load_model("smollm2")
     fp32.eval()
     prompt = tokenizer(PROMPT, return_tensors="pt").input_ids
-    packed = copy.deepcopy(fp32)
-    blocks = {id(mod) for block in decoder_blocks(packed) for mod in block.modules()}
-    report = pbs2p.quantize_(packed, pbs2p.PBS2P(n=n, m=m), filter_fn=lambda mod, _: id(mod) in blocks
-                             and isinstance(mod, torch.nn.Linear))
+    packed, report = packed_copy(fp32, n, m)
     head8 = copy.deepcopy(packed)
     embeddings = pbs2p.int8_embeddings_(head8)
     packed_label, head_label = f"pbs2p {n}:{m}", f"pbs2p {n}:{m} + int8 embeddings"

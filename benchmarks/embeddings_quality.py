@@ -19,6 +19,7 @@ from pathlib import Path
 os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
 
 import torch  # noqa: E402
+from decode_speed import PROMPT, agreement  # noqa: E402 (the decode benchmark's prompt)
 
 import pbs2p  # noqa: E402
 from pbs2p_lab.assets import load_model  # noqa: E402
@@ -28,7 +29,6 @@ from pbs2p_lab.eval.perplexity import perplexity  # noqa: E402
 from pbs2p_lab.eval.results import model_size_bytes, result_header  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "embeddings"
-PROMPT = "The history of the English language begins with the arrival of"  # the decode benchmark's
 
 
 def main() -> None:
@@ -53,9 +53,8 @@ def main() -> None:
                                            "bytes_after": report.bytes_after}
         print(f"{variant:16s} ppl {ppl.ppl:.2f}  size {rows[variant]['size_mb']:.2f} MB", flush=True)
     a, b = rows["as saved"], rows["int8 embeddings"]
-    prefix = next((i for i, (x, y) in enumerate(zip(a["tokens"], b["tokens"], strict=True)) if x != y),
-                  len(a["tokens"]))
-    equal = sum(x == y for x, y in zip(a["tokens"], b["tokens"], strict=True)) / len(a["tokens"])
+    agree = agreement(b["tokens"], a["tokens"])
+    prefix, equal = agree["common_prefix"], agree["equal_positions"]
     change = b["ppl"] / a["ppl"] - 1
     record = {**result_header("python benchmarks/embeddings_quality.py " + f"--model {Path(args.model).name} "
                               f"--ppl-limit {args.ppl_limit} --new-tokens {args.new_tokens}"),

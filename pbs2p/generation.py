@@ -73,15 +73,12 @@ class Generator:
             raise ValueError(f"max_len must be an int >= 2 (prompt plus new tokens), got {max_len!r}")
         self.model, self.max_len, self.compiled = model, max_len, compile
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)  # one cache: the step compiles once
-        self.step = torch.compile(self._step, fullgraph=True) if compile else self._step
+        self.step = torch.compile(self._forward, fullgraph=True) if compile else self._forward
         self._warm = False  # whether the compiled step has been compiled
 
     def _forward(self, ids: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         out = self.model(ids, cache=self.cache, cache_position=position, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].argmax(-1, keepdim=True)
-
-    def _step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        return self._forward(token, position)
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, max_new_tokens: int, *, eos_token_id: int | None = None,

@@ -620,6 +620,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
+    from transformers import TextStreamer
 
     from pbs2p import Generator
     from pbs2p_lab.assets import load_model
@@ -636,23 +637,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise CommandError(f"prompt ({ids.shape[1]} tokens) plus --max-new-tokens {args.max_new_tokens} exceed the "
                            f"model's {limit} positions")
     generator = Generator(model, ids.shape[1] + args.max_new_tokens, compile=not args.no_compile)
-    tokens: list[int] = []
-    shown = ""
-
-    def stream(token: int) -> None:  # print the text each new token completes
-        nonlocal shown
-        tokens.append(token)
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-        if text.startswith(shown) and not text.endswith("\ufffd"):
-            sys.stdout.write(text[len(shown):])
-            sys.stdout.flush()
-            shown = text
-
+    streamer = TextStreamer(tokenizer, skip_special_tokens=True)  # prints each word as its tokens complete it
     sys.stdout.write(args.prompt)
     out = generator(ids, args.max_new_tokens, eos_token_id=None if args.ignore_eos else tokenizer.eos_token_id,
-                    on_token=stream)
-    rest = tokenizer.decode(tokens, skip_special_tokens=True)
-    sys.stdout.write((rest[len(shown):] if rest.startswith(shown) else "") + "\n")
+                    on_token=lambda token: streamer.put(torch.tensor([token])))
+    streamer.end()
     compiled = f", compile {out.compile_s:.1f} s" if out.compile_s else ""
     print(f"pbs2p generate: {len(out.tokens)} new tokens; prefill {ids.shape[1]} tokens in {out.prefill_s:.2f} s"
           f"{compiled}; decode {out.tokens_per_s:.1f} tokens/s ({out.decode_steps} steps, "

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from pbs2p import generate
 from pbs2p_lab.assets import load_model
@@ -58,4 +57,3 @@ def test_eval_with_int8_embeddings_labels_and_records_it(tmp_path, tiny):
     assert emb["format"].startswith("int8") and 0 < emb["bytes_after"] < emb["bytes_before"]
     fp_bytes = model_size_bytes(tiny[0])  # the int8 rows are buffers: counted in the size like parameters
     assert round(record["entries"][0]["size_mb"] * 1e6) == fp_bytes - emb["bytes_before"] + emb["bytes_after"]
-    assert torch.get_num_threads() == 1
