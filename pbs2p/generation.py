@@ -4,8 +4,8 @@ A Hugging Face causal LM's ``generate`` re-enters Python machinery (logits proce
 cache bookkeeping) for every token, which costs more than the packed linears of a small model.
 :class:`Generator` keeps one :class:`transformers.StaticCache` of fixed length (so the shapes never
 change and the step compiles once), runs the prompt in one forward (prefill, only the last position's
-logits), then one ``torch.compile``-d step per token: the model's forward on one token at one cache
-position, and the argmax.
+logits), then one ``torch.compile``-d step per token: the model's forward on one token (the cache holds the
+positions), and the argmax.
 
 The tokens are those of greedy decoding (``model.generate(..., do_sample=False)``) up to floating-point
 summation order; eager and compiled steps give the same tokens on the packed model (tested).
@@ -48,7 +48,7 @@ class Generator:
     """Greedy decoding of a causal LM with a static KV cache of ``max_len`` positions.
 
     Args:
-        model: a Hugging Face causal LM (packed or not) accepting ``cache`` and ``cache_position``.
+        model: a Hugging Face causal LM (packed or not) accepting a ``cache``.
         max_len: positions in the cache: prompt plus new tokens of any call must fit.
         compile: compile the one-token step with ``torch.compile(fullgraph=True)``: compiled once, in the first
             decode step of the first call (reported as ``compile_s``, not counted in the decode speed); later calls
@@ -76,8 +76,9 @@ class Generator:
         self.step = torch.compile(self._forward, fullgraph=True) if compile else self._forward
         self._warm = False  # whether the compiled step has been compiled
 
-    def _forward(self, ids: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        out = self.model(ids, cache=self.cache, cache_position=position, use_cache=True, logits_to_keep=1)
+    def _forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # the cache places the new keys after the ones it holds and the model takes the positions from it
+        out = self.model(ids, cache=self.cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].argmax(-1, keepdim=True)
 
     @torch.no_grad()
@@ -94,20 +95,19 @@ class Generator:
         if n + max_new_tokens > self.max_len:
             raise ValueError(f"prompt ({n}) plus max_new_tokens ({max_new_tokens}) exceed the cache's {self.max_len} "
                              "positions")
-        device = input_ids.device
         self.cache.reset()
         start = time.perf_counter()
-        token = self._forward(input_ids, torch.arange(n, device=device))
+        token = self._forward(input_ids)
         tokens = [int(token)]
         prefill = time.perf_counter() - start
         if on_token is not None:
             on_token(tokens[-1])
         compile_s, steps, decode_s = 0.0, 0, 0.0
-        for i in range(max_new_tokens - 1):
+        for _ in range(max_new_tokens - 1):
             if eos_token_id is not None and tokens[-1] == eos_token_id:
                 break
             start = time.perf_counter()
-            token = self.step(token, torch.tensor([n + i], device=device))
+            token = self.step(token)
             tokens.append(int(token))
             if self.compiled and not self._warm:
                 compile_s, self._warm = time.perf_counter() - start, True

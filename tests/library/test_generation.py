@@ -41,6 +41,26 @@ def test_greedy_tokens_are_transformers_greedy_tokens():
     assert out.decode_steps == 9 and out.compile_s == 0 and out.tokens_per_s > 0
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_each_step_writes_its_own_cache_position(compiled):
+    """The keys the generator cached equal those of one forward over prompt + generated tokens, position by position
+    (a cache not reset between calls, or a step at the wrong place, shows here; greedy tokens of a random model may
+    not show it)."""
+    model = packed_llama()
+    ids = torch.tensor([[5, 17, 3, 40]])
+    gen = Generator(model, 16, compile=compiled)
+    gen(torch.tensor([[9, 1, 7]]), 5)  # an earlier call: its keys must not stay
+    out = gen(ids, 8)
+    full = torch.cat([ids, torch.tensor([out.tokens[:-1]])], dim=1)  # the last token is chosen, not yet cached
+    with torch.no_grad():
+        reference = model(full, use_cache=True).cache
+    n = full.shape[1]
+    for mine, theirs in zip(gen.cache.layers, reference.layers, strict=True):
+        torch.testing.assert_close(mine.keys[:, :, :n], theirs.keys, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(mine.values[:, :, :n], theirs.values, rtol=1e-5, atol=1e-6)
+        assert not mine.keys[:, :, n:].any()  # nothing written past the last step
+
+
 def test_compiled_step_gives_the_eager_tokens_and_compiles_once():
     model = packed_llama()
     ids = torch.tensor([[5, 17, 3, 40]])
