@@ -63,7 +63,8 @@ MAIN = [
     "stbllm-5:8+true_seq+tune", "pbs2p-4:8", "pbs2p-4:8+paper", "stbllm-4:8", "stbllm-4:8+true_seq+tune",
     "pbs2p-2:4", "pbs2p-2:4+paper", "magnitude-4:8", "sparsegpt-4:8",
 ]
-ABLATIONS = [f"pbs2p-6:8+paper+{a}" for a in ADDITIONS] + ["pbs2p-6:8+spbo_steps=0", "pbs2p-6:8+spbo_steps=1"]
+ABLATIONS = [f"pbs2p-6:8+paper+{a}" for a in ADDITIONS] + [  # each addition alone, column compensation included
+    "pbs2p-6:8+paper+compensation=column", "pbs2p-6:8+spbo_steps=0", "pbs2p-6:8+spbo_steps=1"]
 BASELINES = ["fp", "pbs2p-4:8", "billm", "stbllm-4:8", "sparsegpt-4:8", "magnitude-4:8", "binarize-dense"]
 GROUPS = {"main": MAIN, "ablations": ABLATIONS, "all": MAIN + ABLATIONS, "baselines": BASELINES}
 ZEROSHOT_DEFAULT = ["fp", "pbs2p-6:8", "pbs2p-4:8"]
