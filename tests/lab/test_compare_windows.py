@@ -48,3 +48,8 @@ def test_refuses_files_of_other_windows(tmp_path):
         main([str(fa), str(fb), "--first", "1"])
     with pytest.raises(SystemExit, match="--first must be between 1 and 2"):
         main([str(fa), str(fa), "--first", "3"])
+    record = json.loads(fa.read_text())
+    record["entries"][0]["perplexity"]["predicted_tokens"] += 1
+    fa.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="windows of unequal length"):
+        main([str(fa), str(fb), "--first", "1"])
