@@ -6,9 +6,9 @@ Each bug is a one-line edit of ``pbs2p/algorithms/method.py`` (seven bug classes
 whole algorithm test suite), or of the native group loop ``pbs2p/kernels/csrc/sweep.cpp`` (two of them
 again, in the native copy of that arithmetic, rebuilt in the copy). For each, the repository's ``pbs2p``,
 ``pbs2p_lab``, ``tests`` and ``pyproject.toml`` are copied to a temporary folder, the edit is applied there
-(never to this tree), and the method-core tests (``tests/library/algorithms`` without the subprocess pins,
-and ``tests/library/kernels/test_native_sweep.py``) run against the copy with ``pytest -x``; the first
-failing test is recorded. A control run without an edit must pass. Writes
+(never to this tree), and the method-core tests (``tests/library/algorithms`` without the subprocess pins;
+its ``test_native_sweep.py`` holds the native loop to the torch loop) run against the copy with
+``pytest -x``; the first failing test is recorded. A control run without an edit must pass. Writes
 ``benchmarks/results/mutation/injected_bugs.{json,md}`` and exits 1 if a bug survives.
 """
 
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "mutation"
 METHOD = "pbs2p/algorithms/method.py"
 SWEEP = "pbs2p/kernels/csrc/sweep.cpp"
-TESTS = ["tests/library/algorithms", "tests/library/kernels/test_native_sweep.py",
+TESTS = ["tests/library/algorithms",
          "--deselect", "tests/library/algorithms/test_pins.py"]
 
 #: name -> (file, the exact text, its buggy replacement; every occurrence is replaced)

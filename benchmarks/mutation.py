@@ -7,7 +7,9 @@ Runs `mutmut <https://mutmut.readthedocs.io>`_ (configured in ``pyproject.toml``
 ``tests/library/algorithms/`` against every mutant), then writes the kill rate per file and the diff of every
 surviving mutant to ``benchmarks/results/mutation/mutation.{json,md}``. A mutant is *killed* when a test
 fails (or times out) with it, *survives* when every test passes. About an hour on 2 cores; an interrupted
-run resumes where it stopped (mutmut keeps its verdicts in ``mutants/``).
+run resumes where it stopped (mutmut keeps its verdicts in ``mutants/``). After tests were added,
+``--retest-survivors`` tests again only the mutants that survived (a test added can only kill more; a killed
+mutant stays killed), so the rate is that of the current tests without the full hour.
 
 Two rates are written: over every mutant, and over the mutants that can fail on this machine. A mutant whose
 only change is a ``device=`` argument (dropped or ``None``) builds the same tensor on a machine with one
@@ -24,6 +26,7 @@ import re
 import subprocess
 import sys
 import time
+import tomllib
 from collections import Counter
 from pathlib import Path
 
@@ -54,7 +57,11 @@ def statuses() -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--max-children", type=int, default=2, help="mutants tested in parallel")
+    ap.add_argument("--retest-survivors", action="store_true",
+                    help="forget the verdicts of surviving mutants (kept in mutants/) and test them again")
     args = ap.parse_args(argv)
+    if args.retest_survivors:
+        print(f"testing again {forget_survivors()} surviving mutants", flush=True)
     start = time.perf_counter()
     log = mutmut("run", "--max-children", str(args.max_children), check=False)
     seconds = time.perf_counter() - start
@@ -76,10 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     testable = total - len(device_only)
     keys = sorted({s for c in per_file.values() for s in c})
     untraced = sorted({re.sub(r"__mutmut_\d+$", "", name) for name, state in status.items() if state == "no tests"})
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]
     record = {
         "command": "python benchmarks/mutation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "mutated": ["pbs2p/algorithms/method.py", "pbs2p/algorithms/cfs.py", "pbs2p/algorithms/hessian.py"],
-        "tests": "tests/library/algorithms/ (test_pins.py deselected: it runs the library in a subprocess)",
+        "mutated": config["only_mutate"],
+        "tests": ", ".join(config["pytest_add_cli_args_test_selection"])
+        + " (test_pins.py deselected: it runs the library in a subprocess)",
         "mutants": total, "killed": killed, "kill_rate": killed / total,
         "seconds_this_invocation": round(seconds),  # verdicts kept in mutants/ by earlier invocations are reused
         "device_only": len(device_only), "kill_rate_without_device_only": killed / testable,
@@ -113,6 +122,19 @@ def main(argv: list[str] | None = None) -> int:
     (RESULTS / "mutation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[:12]))
     return 0
+
+
+def forget_survivors() -> int:
+    """Set the verdict of every surviving mutant in ``mutants/**/*.meta`` back to *not checked*."""
+    survivors = {name for name, state in statuses().items() if state not in KILLED}
+    forgotten = 0
+    for meta in (ROOT / "mutants").rglob("*.meta"):
+        data = json.loads(meta.read_text())
+        codes = data.get("exit_code_by_key", {})
+        for name in survivors & codes.keys():
+            codes[name], forgotten = None, forgotten + 1
+        meta.write_text(json.dumps(data, indent=4))
+    return forgotten
 
 
 def _device_only(diff: str) -> bool:

@@ -1,7 +1,8 @@
 """Algorithm tests run single-threaded (small matrices, immune to a busy 2-core machine) and on the method's
 torch definition: ``PBS2P_KERNEL=torch`` makes the compensated sweep run its torch group loop, so that these
 tests (and the mutation run over ``pbs2p/algorithms``) exercise it. The native group loop
-(``pbs2p::sweep_groups``) is held to that loop bit for bit by ``tests/library/kernels/test_native_sweep.py``."""
+(``pbs2p::sweep_groups``) is held to that loop bit for bit by ``test_native_sweep.py`` in this folder, which
+lets the native loop run."""
 
 from __future__ import annotations
 

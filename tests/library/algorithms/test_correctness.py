@@ -184,6 +184,20 @@ def test_calibrated_equals_data_free_when_h_is_the_identity():
             assert torch.equal(cal.mask, free.mask) and torch.equal(cal.signs, free.signs)
 
 
+
+def test_calibrated_one_shot_equals_data_free_one_shot_when_h_is_the_identity():
+    """One-shot (``spbo_steps=0``) with H ∝ I: the kept set is the largest magnitudes and the levels are the
+    binarizer's fit on that set, as without data (levels and signs included: the start levels are fitted on
+    the one-shot selection, not on the whole row)."""
+    for n, m in NMS:
+        W = torch.randn(32, 128, generator=torch.Generator().manual_seed(n * m)) + 0.3
+        free = compress(W, None, n, m, spbo_steps=0)
+        for comp in ("column", "block", "block-diag"):
+            cal = compress(W, 3.0 * torch.eye(128), n, m, spbo_steps=0, compensation=comp, extras=["obs_weights"])
+            assert torch.equal(cal.mask, free.mask) and torch.equal(cal.signs, free.signs)
+            torch.testing.assert_close(cal.alpha, free.alpha)
+            torch.testing.assert_close(cal.mu, free.mu)
+
 # ------------------------------------------------------------------------- refit and act-order
 def test_refit_equals_least_squares():
     W, H, _ = _layer(5, out=6, cols=64, dead=0)

@@ -294,6 +294,7 @@ def test_deterministic_bit_identical():
     ],
 )
 def test_input_validation(W, H, kw, match):
+    kw = dict(kw)  # the parametrized dict is shared between runs of this test
     n, m = kw.pop("n"), kw.pop("m")
     with pytest.raises(ValueError, match=match):
         compress(W, H, n, m, **kw)

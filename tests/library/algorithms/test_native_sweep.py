@@ -22,6 +22,11 @@ def built() -> None:
     assert native.load(), "the native operator failed to build"
 
 
+@pytest.fixture(autouse=True)
+def _native_definition(monkeypatch) -> None:  # this folder's conftest selects the torch loop; these tests compare
+    monkeypatch.delenv("PBS2P_KERNEL", raising=False)
+
+
 def torch_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(method, "sweep_op", lambda W: None)
 
@@ -53,6 +58,7 @@ def test_native_loop_gives_the_torch_loops_bits(nm, out, groups, compensation, s
     n, m = nm
     W, H = layer(seed, out, groups * m, ties)
     kw = dict(spbo_steps=steps, compensation=compensation, block_size=block_size)
+    assert method.sweep_op(W) is not None  # the native loop runs below
     fast = method.compress(W, H, n, m, **kw)
     with pytest.MonkeyPatch.context() as mp:
         torch_loop(mp)
