@@ -131,9 +131,11 @@ def forget_survivors() -> int:
     for meta in (ROOT / "mutants").rglob("*.meta"):
         data = json.loads(meta.read_text())
         codes = data.get("exit_code_by_key", {})
-        for name in survivors & codes.keys():
-            codes[name], forgotten = None, forgotten + 1
-        meta.write_text(json.dumps(data, indent=4))
+        names = survivors & codes.keys()
+        if names:
+            codes.update(dict.fromkeys(names))
+            meta.write_text(json.dumps(data, indent=4))
+            forgotten += len(names)
     return forgotten
 
 

@@ -184,7 +184,6 @@ def test_calibrated_equals_data_free_when_h_is_the_identity():
             assert torch.equal(cal.mask, free.mask) and torch.equal(cal.signs, free.signs)
 
 
-
 def test_calibrated_one_shot_equals_data_free_one_shot_when_h_is_the_identity():
     """One-shot (``spbo_steps=0``) with H ∝ I: the kept set is the largest magnitudes and the levels are the
     binarizer's fit on that set, as without data (levels and signs included: the start levels are fitted on
@@ -197,6 +196,7 @@ def test_calibrated_one_shot_equals_data_free_one_shot_when_h_is_the_identity():
             assert torch.equal(cal.mask, free.mask) and torch.equal(cal.signs, free.signs)
             torch.testing.assert_close(cal.alpha, free.alpha)
             torch.testing.assert_close(cal.mu, free.mu)
+
 
 # ------------------------------------------------------------------------- refit and act-order
 def test_refit_equals_least_squares():
