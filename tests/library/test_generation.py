@@ -74,6 +74,36 @@ def test_compiled_step_gives_the_eager_tokens_and_compiles_once():
     assert again.tokens == generate(model, torch.tensor([[9, 1]]), 6, compile=False).tokens
 
 
+def test_generators_of_different_models_do_not_share_compiled_steps():
+    """The step compiles without guards on the model: a second generator of the same class, config and cache
+    shape must still run its own model (Dynamo would otherwise reuse the first generator's compiled code)."""
+    ids = torch.tensor([[5, 17, 3, 40]])
+    a, b = tiny_llama(tied=False, seed=0), tiny_llama(tied=False, seed=1)  # untied: tokens that depend on the model
+    for model in (a, b):
+        quantize_(model.model.layers, PBS2P(n=4, m=8))
+    first = Generator(a, 16, compile=True)(ids, 8).tokens
+    second = Generator(b, 16, compile=True)(ids, 8).tokens
+    assert first == generate(a, ids, 8, compile=False).tokens
+    assert second == generate(b, ids, 8, compile=False).tokens
+    assert first != second  # the two models disagree, so sharing would show
+
+
+def test_changed_modules_recompile_and_changed_values_do_not():
+    ids = torch.tensor([[5, 17, 3, 40]])
+    model = packed_llama()
+    gen = Generator(model, 16, compile=True)
+    gen(ids, 6)
+    with torch.no_grad():  # values in place: the compiled step reads them, no recompilation
+        model.model.norm.weight.mul_(-1.5)
+    same_modules = gen(ids, 6)
+    assert same_modules.compile_s == 0 and same_modules.tokens == generate(model, ids, 6, compile=False).tokens
+    int8_embeddings_(model)  # new modules: the next call compiles the step again
+    new_modules = gen(ids, 6)
+    assert new_modules.compile_s > 0 and new_modules.tokens == generate(model, ids, 6, compile=False).tokens
+    again = gen(ids, 6)
+    assert again.compile_s == 0 and again.tokens == new_modules.tokens
+
+
 def test_stops_after_eos_and_streams_each_token():
     model = packed_llama()
     ids = torch.tensor([[5, 17, 3, 40]])
