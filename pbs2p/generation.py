@@ -12,13 +12,14 @@ summation order; eager and compiled steps give the same tokens on the packed mod
 
 Guards. Before each call of compiled code, Dynamo checks its guards: for a model, one per module attribute,
 parameter, buffer and tensor-subclass weight (about 12,000 for SmolLM2-135M, checked in about 3 ms, a fifth of
-a decode step). The step is compiled without the guards on the model (``guard_filter_fn``; those on the step's
-input, the cache and global state stay): it assumes the model keeps the modules, parameters and buffers it had
-when it compiled. The generator checks that assumption itself, once per call rather than once per token: it
-records which modules and tensors (and their shapes and dtypes) the model holds, and compiles the step again
-when that record changes. Changing weight values in place needs no recompilation (they are the compiled
-step's inputs). Each generator compiles its own copy of the step's code, so generators of different models
-never share compiled code.
+a decode step). The step is compiled without the guards on the model and on the generator's own cache
+(``guard_filter_fn``; those on the step's input and on global state stay): it assumes the model keeps the
+modules, parameters and buffers it had when it compiled (the cache is made by the generator, and filled by the
+eager prefill before the first compiled step). The generator checks that assumption itself, once per call
+rather than once per token: it records which modules and tensors (and their shapes and dtypes) the model
+holds, and compiles the step again when that record changes. Changing weight values in place needs no
+recompilation (they are the compiled step's inputs). Each generator compiles its own copy of the step's
+code, so generators of different models never share compiled code.
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ import torch
 
 
 def without_model_guards(entries: list) -> list[bool]:
-    """Dynamo ``guard_filter_fn`` of the compiled step: drops the guards on the model (``self.model...``)."""
-    return [not (e.name == "self.model" or e.name.startswith(("self.model.", "self.model["))) for e in entries]
+    """Dynamo ``guard_filter_fn`` of the compiled step: drops the guards on the model and the generator's cache
+    (``self.model...``, ``self.cache...``)."""
+    roots = ("self.model", "self.cache")
+    return [not any(e.name == r or e.name.startswith((f"{r}.", f"{r}[")) for r in roots) for e in entries]
 
 
 def model_record(model: torch.nn.Module) -> tuple:

@@ -336,53 +336,49 @@ void expand_bf16(const ExpandArgs& a) {
 // float32 W_hat: the AVX2 expansion.
 void expand_f32(const ExpandArgs& a) { avx2::expand_f32(a); }
 
-// Four rows at a time (four independent sums), 16 columns per step: sign-extend 16 int8 weights to
-// int32, convert to float32, fused multiply-add with the activations; the last columns under a mask.
+// R rows at a time (R independent sums, enough to keep both FMA pipes busy), 16 columns per step:
+// sign-extend 16 int8 weights to int32, convert to float32, fused multiply-add with the activations;
+// the last columns under a mask.
 static inline __m512 widen16(const int8_t* p, __mmask16 k) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(k, p)));
 }
 
-void int8_rows(const Int8RowsArgs& a) {
+template <int R>
+static inline void int8_rows_block(const Int8RowsArgs& a, int64_t r) {
   const int64_t K = a.K, K16 = K / 16 * 16;
   const __mmask16 tail = static_cast<__mmask16>((1u << (K - K16)) - 1u);
-  const __mmask16 all = 0xFFFF;
+  const int8_t* w = a.q + r * K;
+  for (int64_t b = 0; b < a.nb; ++b) {
+    const float* x = a.x + b * a.ldx;
+    __m512 s[R];
+    for (int i = 0; i < R; ++i) s[i] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < K16; c += 16) {
+      const __m512 xv = _mm512_loadu_ps(x + c);
+      for (int i = 0; i < R; ++i) s[i] = _mm512_fmadd_ps(widen16(w + i * K + c, 0xFFFF), xv, s[i]);
+    }
+    if (tail) {
+      const __m512 xv = _mm512_maskz_loadu_ps(tail, x + K16);
+      for (int i = 0; i < R; ++i) s[i] = _mm512_fmadd_ps(widen16(w + i * K + K16, tail), xv, s[i]);
+    }
+    float* y = a.y + b * a.ldy + r;
+    for (int i = 0; i < R; ++i) y[i] = _mm512_reduce_add_ps(s[i]) * a.scale[r + i];
+  }
+}
+
+// The rows of the next block but one are prefetched (non-temporal hint): the matrix (the LM head, 28 MB for
+// SmolLM2) is read once per decoded token, from memory. Measured on Zen 5, 2 threads: 49,152 x 576 in 0.56-0.69
+// ms instead of 0.72-0.78 (warm caches), and compiled SmolLM2 decode steps about 0.5 ms faster.
+void int8_rows(const Int8RowsArgs& a) {
+  constexpr int64_t kAhead = 16;
   int64_t r = a.r0;
-  for (; r + 4 <= a.r1; r += 4) {
-    const int8_t* w = a.q + r * K;
-    for (int64_t b = 0; b < a.nb; ++b) {
-      const float* x = a.x + b * a.ldx;
-      __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-      for (int64_t c = 0; c < K16; c += 16) {
-        const __m512 xv = _mm512_loadu_ps(x + c);
-        s0 = _mm512_fmadd_ps(widen16(w + c, all), xv, s0);
-        s1 = _mm512_fmadd_ps(widen16(w + K + c, all), xv, s1);
-        s2 = _mm512_fmadd_ps(widen16(w + 2 * K + c, all), xv, s2);
-        s3 = _mm512_fmadd_ps(widen16(w + 3 * K + c, all), xv, s3);
-      }
-      if (tail) {
-        const __m512 xv = _mm512_maskz_loadu_ps(tail, x + K16);
-        s0 = _mm512_fmadd_ps(widen16(w + K16, tail), xv, s0);
-        s1 = _mm512_fmadd_ps(widen16(w + K + K16, tail), xv, s1);
-        s2 = _mm512_fmadd_ps(widen16(w + 2 * K + K16, tail), xv, s2);
-        s3 = _mm512_fmadd_ps(widen16(w + 3 * K + K16, tail), xv, s3);
-      }
-      float* y = a.y + b * a.ldy + r;
-      y[0] = _mm512_reduce_add_ps(s0) * a.scale[r];
-      y[1] = _mm512_reduce_add_ps(s1) * a.scale[r + 1];
-      y[2] = _mm512_reduce_add_ps(s2) * a.scale[r + 2];
-      y[3] = _mm512_reduce_add_ps(s3) * a.scale[r + 3];
+  for (; r + 8 <= a.r1; r += 8) {
+    if (r + 8 + kAhead <= a.r1) {
+      const char* next = reinterpret_cast<const char*>(a.q + (r + kAhead) * a.K);
+      for (int64_t off = 0; off < 8 * a.K; off += 64) _mm_prefetch(next + off, _MM_HINT_NTA);
     }
+    int8_rows_block<8>(a, r);
   }
-  for (; r < a.r1; ++r) {
-    const int8_t* w = a.q + r * K;
-    for (int64_t b = 0; b < a.nb; ++b) {
-      const float* x = a.x + b * a.ldx;
-      __m512 s0 = _mm512_setzero_ps();
-      for (int64_t c = 0; c < K16; c += 16) s0 = _mm512_fmadd_ps(widen16(w + c, all), _mm512_loadu_ps(x + c), s0);
-      if (tail) s0 = _mm512_fmadd_ps(widen16(w + K16, tail), _mm512_maskz_loadu_ps(tail, x + K16), s0);
-      a.y[b * a.ldy + r] = _mm512_reduce_add_ps(s0) * a.scale[r];
-    }
-  }
+  for (; r < a.r1; ++r) int8_rows_block<1>(a, r);
 }
 
 }  // namespace pbs2p::avx512

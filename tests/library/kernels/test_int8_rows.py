@@ -23,7 +23,7 @@ def exact(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor
 @pytest.mark.parametrize("cols", [1, 7, 16, 67, 576])  # tails of 8 and 16 columns
 def test_every_isa_matches_the_exact_product(batch, cols):
     g = torch.Generator().manual_seed(batch * 1000 + cols)
-    rows = 261  # 4-row tiles plus a tail, and more than one work item
+    rows = 261  # 8-row blocks (AVX-512) or 4-row tiles plus a tail, and more than one work item
     q = torch.randint(-127, 128, (rows, cols), dtype=torch.int8, generator=g)
     scale = torch.rand(rows, generator=g) + 0.01
     x = torch.randn(batch, cols, generator=g)
