@@ -5,8 +5,9 @@
 Every model decodes with :class:`pbs2p.Generator` (a static KV cache, one token per step, the step compiled
 with ``fullgraph=True`` as gpt-fast does). Tokens/s counts the decode steps only (prefill and compilation
 excluded); after one warm-up generation per model, the models take turns (``--repeats`` rounds, one
-generation each per round) and the median is reported. Decoding speed does not depend on which weights
-are kept, so the packed model is made with the data-free ``quantize_`` (same format and kernel as a
+generation each per round, in a seeded random order that changes every round: a model that runs after the
+FP32 ones decodes slower, measured) and the median is reported. Decoding speed does not depend on which
+weights are kept, so the packed model is made with the data-free ``quantize_`` (same format and kernel as a
 calibrated one). ``+ int8 embeddings`` also stores the tied embedding / LM-head matrix as int8 rows
 (``pbs2p.int8_embeddings_``, beyond the paper): its greedy tokens are compared with the packed model's.
 
@@ -23,6 +24,7 @@ import argparse
 import copy
 import json
 import os
+import random
 import statistics
 import time
 from pathlib import Path
@@ -128,9 +130,11 @@ def main() -> None:
         t0 = time.perf_counter()
         tokens, _, compile_s = run()
         rows[key] = {"tokens": tokens, "runs": [], "warmup_s": time.perf_counter() - t0, "compile_s": compile_s}
-    for _ in range(args.repeats):  # the models take turns, so a busy moment of the machine hits all of them
-        for key, run in runners.items():
-            tokens, rate, _ = run()
+    order = list(runners)
+    for round_ in range(args.repeats):  # the models take turns, so a busy moment of the machine hits all of them,
+        random.Random(round_).shuffle(order)  # in a new order each round: none always runs after the same one
+        for key in order:
+            tokens, rate, _ = runners[key]()
             if tokens != rows[key]["tokens"]:
                 raise RuntimeError(f"{key}: greedy decoding is not deterministic across runs")
             rows[key]["runs"].append(rate)
@@ -188,7 +192,7 @@ def _markdown(result: dict, rows: dict, models, packed_label: str, head_label: s
         f"SmolLM2-135M greedy decoding, {result['new_tokens']} new tokens after a {result['prompt_tokens']}-token "
         f"prompt, batch 1, {result['threads']} threads, {result['cpu']}, kernel backend `{result['kernel_backend']}`, "
         f"load average {result['load_average_before'][0]:.2f} before the run; medians of {runs} "
-        "alternating runs.",
+        "rounds in which the models take turns (a new random order each round).",
         "",
         "| model | eager tokens/s | compiled tokens/s | compiled vs FP32 compiled |",
         "|---|---:|---:|---:|",
@@ -207,6 +211,11 @@ def _markdown(result: dict, rows: dict, models, packed_label: str, head_label: s
               f"{result['int8_embeddings']['bytes_before'] / 1e6:.1f} MB) the greedy tokens equal the packed model's "
               f"for the first {agree['common_prefix']} of {result['new_tokens']} tokens "
               f"({agree['equal_positions']:.0%} of positions equal)."]
+    if "llama.cpp Q4_1" in rows:
+        ratios = [a / b for a, b in zip(rows[f"{head_label} compiled"]["runs"], rows["llama.cpp Q4_1"]["runs"],
+                                        strict=True)]
+        lines.append(f"{head_label} compiled against llama.cpp, round by round: "
+                     + ", ".join(f"{r:.2f}x" for r in ratios) + ".")
     if "llama_cpp_vs_fp32_tokens" in result:
         la = result["llama_cpp_vs_fp32_tokens"]
         lines.append(f"llama.cpp's tokens equal the fp32 model's for the first {la['common_prefix']} tokens "
