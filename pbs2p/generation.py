@@ -16,10 +16,11 @@ a decode step). The step is compiled without the guards on the model and on the 
 (``guard_filter_fn``; those on the step's input and on global state stay): it assumes the model keeps the
 modules, parameters and buffers it had when it compiled (the cache is made by the generator, and filled by the
 eager prefill before the first compiled step). The generator checks that assumption itself, once per call
-rather than once per token: it records which modules and tensors (and their shapes and dtypes) the model
-holds, and compiles the step again when that record changes. Changing weight values in place needs no
-recompilation (they are the compiled step's inputs). Each generator compiles its own copy of the step's
-code, so generators of different models never share compiled code.
+rather than once per token: it records which modules (and their training flags) and tensors (and their shapes
+and dtypes) the model holds, and compiles the step again when that record changes; other attributes (a
+module's settings, the config) are not checked (make a new generator after changing them). Changing weight
+values in place needs no recompilation (they are the compiled step's inputs). Each generator compiles its own
+copy of the step's code, so generators of different models never share compiled code.
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ def without_model_guards(entries: list) -> list[bool]:
 
 
 def model_record(model: torch.nn.Module) -> tuple:
-    """What the compiled step assumes of ``model``: its modules (by identity and type) and its parameters and
-    buffers (by identity, type, shape and dtype), in order.
+    """What the compiled step assumes of ``model``: its modules (by identity, type and training flag) and its
+    parameters and buffers (by identity, type, shape and dtype), in order. Other attributes (a module's settings,
+    the config) are not in it: make a new :class:`Generator` after changing them.
 
     Example:
         >>> import torch
@@ -55,8 +57,9 @@ def model_record(model: torch.nn.Module) -> tuple:
         >>> model_record(lin) == before
         False
     """
+    modules = model.named_modules(remove_duplicate=False)
     tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
-    return (tuple((name, id(mod), type(mod)) for name, mod in model.named_modules(remove_duplicate=False)),
+    return (tuple((name, id(mod), type(mod), mod.training) for name, mod in modules),
             tuple((name, id(t), type(t), tuple(t.shape), t.dtype) for name, t in tensors))
 
 

@@ -102,6 +102,9 @@ def test_changed_modules_recompile_and_changed_values_do_not():
     assert new_modules.compile_s > 0 and new_modules.tokens == generate(model, ids, 6, compile=False).tokens
     again = gen(ids, 6)
     assert again.compile_s == 0 and again.tokens == new_modules.tokens
+    model.train()  # a module's training flag is in the record too (dropout is traced only in training mode)
+    assert gen(ids, 6).compile_s > 0
+    model.eval()
 
 
 def test_stops_after_eos_and_streams_each_token():
