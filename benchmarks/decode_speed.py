@@ -5,8 +5,8 @@
 Every model decodes with :class:`pbs2p.Generator` (a static KV cache, one token per step, the step compiled
 with ``fullgraph=True`` as gpt-fast does). Tokens/s counts the decode steps only (prefill and compilation
 excluded); after one warm-up generation per model, the models take turns (``--repeats`` rounds, one
-generation each per round, in a seeded random order that changes every round: a model that runs after the
-FP32 ones decodes slower, measured) and the median is reported. Decoding speed does not depend on which
+generation each per round, in a seeded random order that changes every round, so that no model always
+runs after the same one) and the median is reported. Decoding speed does not depend on which
 weights are kept, so the packed model is made with the data-free ``quantize_`` (same format and kernel as a
 calibrated one). ``+ int8 embeddings`` also stores the tied embedding / LM-head matrix as int8 rows
 (``pbs2p.int8_embeddings_``, beyond the paper): its greedy tokens are compared with the packed model's.

@@ -152,8 +152,9 @@ class Generator:
         if n + max_new_tokens > self.max_len:
             raise ValueError(f"prompt ({n}) plus max_new_tokens ({max_new_tokens}) exceed the cache's {self.max_len} "
                              "positions")
-        if self.compiled and model_record(self.model) != self._record:  # see the module's docstring (Guards)
-            self._record, self.step, self._warm = model_record(self.model), self._compiled_step(), False
+        record = model_record(self.model) if self.compiled else None
+        if self.compiled and record != self._record:  # see the module's docstring (Guards)
+            self._record, self.step, self._warm = record, self._compiled_step(), False
         self.cache.reset()
         start = time.perf_counter()
         token = self._forward(input_ids)
