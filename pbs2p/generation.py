@@ -11,14 +11,14 @@ The tokens are those of greedy decoding (``model.generate(..., do_sample=False)`
 summation order; eager and compiled steps give the same tokens on the packed model (tested).
 
 Guards. Before each call of compiled code, Dynamo checks its guards: for a model, one per module attribute,
-parameter, buffer and tensor-subclass weight (about 12,000 for SmolLM2-135M, checked in about 3 ms, a fifth of
-a decode step). The step is compiled without the guards on the model and on the generator's own cache
-(``guard_filter_fn``; those on the step's input and on global state stay): it assumes the model keeps the
-modules, parameters and buffers it had when it compiled (the cache is made by the generator, and filled by the
-eager prefill before the first compiled step). The generator checks that assumption itself, once per call
-rather than once per token: it records which modules (and their training flags) and tensors (and their shapes
-and dtypes) the model holds, and compiles the step again when that record changes; other attributes (a
-module's settings, the config) are not checked (make a new generator after changing them). Changing weight
+parameter, buffer and tensor-subclass weight: thousands for a model (``TORCH_LOGS=guards`` lists them), some of
+them Python calls, milliseconds per decoded token. The step is compiled without the guards on the model and on
+the generator's own cache (``guard_filter_fn``; those on the step's input and on global state stay): it assumes
+the model keeps the modules, parameters and buffers it had when it compiled (the cache is made by the generator,
+and filled by the eager prefill before the first compiled step). The generator checks that assumption itself,
+once per call rather than once per token: it records which modules (and their training flags) and tensors (and
+their shapes and dtypes) the model holds, and compiles the step again when that record changes; other attributes
+(a module's settings, the config) are not checked (make a new generator after changing them). Changing weight
 values in place needs no recompilation (they are the compiled step's inputs). Each generator compiles its own
 copy of the step's code, so generators of different models never share compiled code.
 """
