@@ -5,7 +5,8 @@ cache bookkeeping) for every token, which costs more than the packed linears of 
 :class:`Generator` keeps one :class:`transformers.StaticCache` of fixed length (so the shapes never
 change and the step compiles once), runs the prompt in one forward (prefill, only the last position's
 logits), then one ``torch.compile``-d step per token: the model's forward on one token (the cache holds the
-positions), and the argmax.
+positions), and the argmax. Generation runs under ``torch.inference_mode()``: under ``no_grad`` every call of
+the packed operator would still pass through its autograd formula (a Python function, microseconds per call).
 
 The tokens are those of greedy decoding (``model.generate(..., do_sample=False)``) up to floating-point
 summation order; eager and compiled steps give the same tokens on the packed model (tested).
@@ -66,7 +67,8 @@ def model_record(model: torch.nn.Module) -> tuple:
 #: Compile options of the decode step: no guards on the model (see the module's docstring), and no size, stride
 #: and alignment asserts on the compiled graph's tensors (about a thousand Python calls per token; the model's
 #: tensors are the ones the step compiled with, see Guards).
-STEP_OPTIONS = {"guard_filter_fn": without_model_guards, "size_asserts": False, "alignment_asserts": False}
+STEP_OPTIONS = types.MappingProxyType({"guard_filter_fn": without_model_guards, "size_asserts": False,
+                                       "alignment_asserts": False})
 
 
 @dataclass(frozen=True)
@@ -131,14 +133,15 @@ class Generator:
         # again for each compilation) keeps the compiled steps of different generators and models apart
         code = Generator._forward.__code__
         forward = types.FunctionType(code.replace(co_name=f"{code.co_name}_{id(self):x}"), globals())
-        return torch.compile(types.MethodType(forward, self), fullgraph=True, options=STEP_OPTIONS)
+        # a copy of the options: torch.compile takes guard_filter_fn out of the dict it is given
+        return torch.compile(types.MethodType(forward, self), fullgraph=True, options=dict(STEP_OPTIONS))
 
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:
         # the cache places the new keys after the ones it holds and the model takes the positions from it
         out = self.model(ids, cache=self.cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].argmax(-1, keepdim=True)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, max_new_tokens: int, *, eos_token_id: int | None = None,
                  on_token: Callable[[int], None] | None = None) -> Generation:
         """Greedy-decode up to ``max_new_tokens`` after ``input_ids`` (shape ``[1, prompt]``); stops after

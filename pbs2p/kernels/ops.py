@@ -143,20 +143,19 @@ def propagate_nonfinite(y: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, m
 
     Without it the paths differ: a lookup-table kernel skips the pruned weights (so ``0 * Inf`` never
     happens), the dense product does not, and an infinite sum may end as Inf or NaN.
+    The native operator applies the same rule in C++; the torch path calls this function.
     """
     rows = torch.isfinite(x).all(-1, keepdim=True)
     columns = torch.isfinite(alpha).all(-1) & torch.isfinite(mu).all(-1)
     return torch.where(rows & columns, y, float("nan"))
 
 
-def _maybe_nonfinite(y: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor, skips_pruned: bool
-                     ) -> torch.Tensor:
-    """:func:`propagate_nonfinite` where it can change something (eager: checked with one sum; compiled: always)."""
+def _maybe_nonfinite(y: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """:func:`propagate_nonfinite` on the torch path, where it can change something (eager: checked with two sums;
+    compiled: always). The native operator applies the same rule itself."""
     if torch.compiler.is_compiling():
         return propagate_nonfinite(y, x, alpha, mu)
-    # a non-finite activation or scale makes some output non-finite, except in kernels that skip pruned
-    # weights (scalar and AVX2 lookup tables), whose outputs can all stay finite: those check x too
-    if math.isfinite(float(y.detach().sum())) and not (skips_pruned and not math.isfinite(float(x.detach().sum()))):
+    if math.isfinite(float(y.detach().sum())) and math.isfinite(float(x.detach().sum())):
         return y
     return propagate_nonfinite(y, x, alpha, mu)
 
@@ -175,11 +174,10 @@ def bsp_linear(
     if backend != "torch":
         reason = native_unsupported(x, codes, alpha, mu, bias, m, scale_block)
         if reason is None:
-            y = torch.ops.pbs2p.bsp_linear(x, codes, alpha, mu, bias, n, m, scale_block)
-            return _maybe_nonfinite(y, x, alpha, mu, backend in ("native-scalar", "native-avx2"))
+            return torch.ops.pbs2p.bsp_linear(x, codes, alpha, mu, bias, n, m, scale_block)  # applies the NaN rule
         _warn_once(reason)
     y = reference_linear(x, codes, alpha, mu, bias, n, m, scale_block)
-    return _maybe_nonfinite(y, x, alpha, mu, True)
+    return _maybe_nonfinite(y, x, alpha, mu)
 
 
 def int8_rows_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -88,6 +88,29 @@ def test_generators_of_different_models_do_not_share_compiled_steps():
     assert first != second  # the two models disagree, so sharing would show
 
 
+def test_every_compilation_drops_the_model_guards(monkeypatch):
+    """torch.compile takes ``guard_filter_fn`` out of the options dict it is given: every compilation (a second
+    generator, a recompilation) needs the filter again, or its step checks thousands of guards per token."""
+    from pbs2p.generation import without_model_guards
+
+    options, compile_ = [], torch.compile
+
+    def spy(fn, **kwargs):
+        options.append(dict(kwargs.get("options") or {}))
+        return compile_(fn, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    ids = torch.tensor([[5, 17, 3, 40]])
+    model = packed_llama()
+    Generator(model, 16)(ids, 4)
+    gen = Generator(model, 16)
+    gen(ids, 4)
+    int8_embeddings_(model)
+    assert gen(ids, 4).compile_s > 0  # compiled again
+    assert len(options) == 3
+    assert all(o.get("guard_filter_fn") is without_model_guards for o in options), options
+
+
 def test_changed_modules_recompile_and_changed_values_do_not():
     ids = torch.tensor([[5, 17, 3, 40]])
     model = packed_llama()

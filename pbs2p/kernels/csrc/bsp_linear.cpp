@@ -23,6 +23,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
+#include <limits>
 #include <cstdlib>
 #include <memory>
 #include <string>
@@ -409,6 +411,29 @@ void blas_pass(const Problem& p, const at::Tensor& x2d, const at::Tensor& bias, 
   }
 }
 
+// The NaN/Inf rule of every path (pbs2p.kernels.ops.propagate_nonfinite): a row of x holding NaN or Inf gives
+// NaN in all its outputs, a weight row whose alpha or mu is NaN or Inf gives NaN in its output column. A
+// non-finite scale always reaches its column's outputs (Inf * 0 is NaN), so when x and y are all finite there is
+// nothing to do: the usual case costs one pass over x and y; the full rule runs otherwise.
+template <typename T>
+bool all_finite(const at::Tensor& t) {
+  const T* p = t.const_data_ptr<T>();
+  bool ok = true;
+  for (int64_t i = 0, n = t.numel(); i < n; ++i) ok &= std::isfinite(static_cast<float>(p[i]));
+  return ok;
+}
+
+bool all_finite(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat ? all_finite<float>(t) : all_finite<at::BFloat16>(t);
+}
+
+void apply_nonfinite_rule(const at::Tensor& x2d, const at::Tensor& alpha, const at::Tensor& mu, at::Tensor& y2d) {
+  if (all_finite(x2d) && all_finite(y2d)) return;
+  const at::Tensor rows = at::isfinite(x2d).all(-1, /*keepdim=*/true);
+  const at::Tensor columns = at::logical_and(at::isfinite(alpha).all(-1), at::isfinite(mu).all(-1));
+  y2d.copy_(at::where(at::logical_and(rows, columns), y2d, std::numeric_limits<float>::quiet_NaN()));
+}
+
 at::Tensor bsp_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& alpha,
                           const at::Tensor& mu, const std::optional<at::Tensor>& bias, int64_t n, int64_t m,
                           int64_t scale_block) {
@@ -492,6 +517,7 @@ at::Tensor bsp_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at
     } else {
       blas_pass<uint16_t>(p, x2d, bias_x, y2d);
     }
+    apply_nonfinite_rule(x2d, alpha_c, mu_c, y2d);
     return y;
   }
   const at::Tensor xc = x.reshape({B, K}).contiguous();
@@ -506,6 +532,8 @@ at::Tensor bsp_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at
       lut_pass(p, xp, nb, y.data_ptr<at::BFloat16>() + b0 * out);
     }
   }
+  at::Tensor y2d = y.view({B, out});
+  apply_nonfinite_rule(xc, alpha_c, mu_c, y2d);
   return y;
 }
 
