@@ -111,6 +111,17 @@ def test_every_compilation_drops_the_model_guards(monkeypatch):
     assert all(o.get("guard_filter_fn") is without_model_guards for o in options), options
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_decoding_runs_in_inference_mode(compiled):
+    """Under no_grad every packed call would still go through the operator's Python autograd formula."""
+    modes = []
+    model = packed_llama()
+    Generator(model, 16, compile=compiled)(torch.tensor([[5, 17, 3]]), 4,
+                                           on_token=lambda _: modes.append(torch.is_inference_mode_enabled()))
+    assert modes == [True] * 4
+    assert not torch.is_inference_mode_enabled()
+
+
 def test_changed_modules_recompile_and_changed_values_do_not():
     ids = torch.tensor([[5, 17, 3, 40]])
     model = packed_llama()
