@@ -1,12 +1,14 @@
 """End-to-end greedy decoding speed of SmolLM2: FP32 vs PBS²P (packed weights) vs llama.cpp, eager and compiled.
 
     python benchmarks/decode_speed.py [--new-tokens 128] [--nm 4:8] [--repeats 5] [--threads 2] [--llama-cpp]
+                                      [--cpp-wrapper]
 
 Every model decodes with :class:`pbs2p.Generator` (a static KV cache, one token per step, the step compiled
-with ``fullgraph=True`` as gpt-fast does). Tokens/s counts the decode steps only (prefill and compilation
-excluded); after one warm-up generation per model, the models take turns (``--repeats`` rounds, one
-generation each per round, in a seeded random order that changes every round, so that no model always
-runs after the same one) and the median is reported. Decoding speed does not depend on which
+with ``fullgraph=True`` as gpt-fast does; with ``--cpp-wrapper`` every compiled step, FP32 included, also has
+its host code compiled to C++: ``Generator(..., cpp_wrapper=True)``). Tokens/s counts the decode steps only
+(prefill and compilation excluded); after one warm-up generation per model, the models take turns
+(``--repeats`` rounds, one generation each per round, in a seeded random order that changes every round, so
+that no model always runs after the same one) and the median is reported. Decoding speed does not depend on which
 weights are kept, so the packed model is made with the data-free ``quantize_`` (same format and kernel as a
 calibrated one). ``+ int8 embeddings`` also stores the tied embedding / LM-head matrix as int8 rows
 (``pbs2p.int8_embeddings_``, beyond the paper): its greedy tokens are compared with the packed model's.
@@ -46,9 +48,11 @@ PROMPT = "The history of the English language begins with the arrival of"
 class Torch:
     """One model under :class:`pbs2p.Generator`, eager or compiled."""
 
-    def __init__(self, model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, compiled: bool) -> None:
+    def __init__(self, model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, compiled: bool,
+                 cpp_wrapper: bool = False) -> None:
         self.prompt, self.new_tokens = prompt, new_tokens
-        self.gen = pbs2p.Generator(model, prompt.shape[1] + new_tokens, compile=compiled)
+        self.gen = pbs2p.Generator(model, prompt.shape[1] + new_tokens, compile=compiled,
+                                   cpp_wrapper=compiled and cpp_wrapper)
 
     def __call__(self) -> tuple[list[int], float, float]:
         out = self.gen(self.prompt, self.new_tokens)
@@ -104,6 +108,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--llama-cpp", action="store_true", help="add llama.cpp (llama-cpp-python) on the GGUF")
+    parser.add_argument("--cpp-wrapper", action="store_true",
+                        help="compiled steps (every model) with Inductor's C++ wrapper (Generator(cpp_wrapper=True))")
     args = parser.parse_args()
     n, m = map(int, args.nm.split(":"))
     torch.set_num_threads(args.threads)
@@ -116,8 +122,11 @@ def main() -> None:
     embeddings = pbs2p.int8_embeddings_(head8)
     packed_label, head_label = f"pbs2p {n}:{m}", f"pbs2p {n}:{m} + int8 embeddings"
     models = (("fp32", fp32), (packed_label, packed), (head_label, head8))
-    runners = {f"{label} {mode}": Torch(model, prompt, args.new_tokens, mode == "compiled")
+    runners = {f"{label} {mode}": Torch(model, prompt, args.new_tokens, mode == "compiled", args.cpp_wrapper)
                for label, model in models for mode in ("eager", "compiled")}
+    python_wrapper = f"{head_label} compiled, Python wrapper"
+    if args.cpp_wrapper:  # the same model and step without the C++ wrapper, taking its turn in the same rounds
+        runners[python_wrapper] = Torch(head8, prompt, args.new_tokens, True, False)
     llama_version = None
     if args.llama_cpp:
         spec = MODELS["smollm2"]
@@ -146,7 +155,9 @@ def main() -> None:
     head_vs_packed = agreement(rows[f"{head_label} compiled"]["tokens"], rows[f"{packed_label} compiled"]["tokens"])
     result = {
         "command": "python benchmarks/decode_speed.py " + f"--new-tokens {args.new_tokens} --nm {args.nm} "
-                   f"--repeats {args.repeats} --threads {args.threads}" + (" --llama-cpp" if args.llama_cpp else ""),
+                   f"--repeats {args.repeats} --threads {args.threads}" + (" --llama-cpp" if args.llama_cpp else "")
+                   + (" --cpp-wrapper" if args.cpp_wrapper else ""),
+        "cpp_wrapper": args.cpp_wrapper,
         "kernel_backend": kernel_backend(),
         "threads": torch.get_num_threads(),
         "cpu": _cpu_name(),
@@ -192,7 +203,9 @@ def _markdown(result: dict, rows: dict, models, packed_label: str, head_label: s
         f"SmolLM2-135M greedy decoding, {result['new_tokens']} new tokens after a {result['prompt_tokens']}-token "
         f"prompt, batch 1, {result['threads']} threads, {result['cpu']}, kernel backend `{result['kernel_backend']}`, "
         f"load average {result['load_average_before'][0]:.2f} before the run; medians of {runs} "
-        "rounds in which the models take turns (a new random order each round).",
+        "rounds in which the models take turns (a new random order each round). Compiled: "
+        + ("`torch.compile` with Inductor's C++ wrapper (`Generator(cpp_wrapper=True)`, every model)."
+           if result.get("cpp_wrapper") else "`torch.compile` (Python wrapper)."),
         "",
         "| model | eager tokens/s | compiled tokens/s | compiled vs FP32 compiled |",
         "|---|---:|---:|---:|",
@@ -211,6 +224,12 @@ def _markdown(result: dict, rows: dict, models, packed_label: str, head_label: s
               f"{result['int8_embeddings']['bytes_before'] / 1e6:.1f} MB) the greedy tokens equal the packed model's "
               f"for the first {agree['common_prefix']} of {result['new_tokens']} tokens "
               f"({agree['equal_positions']:.0%} of positions equal)."]
+    python_wrapper = f"{head_label} compiled, Python wrapper"
+    if python_wrapper in rows:
+        py, cpp = rows[python_wrapper], rows[f"{head_label} compiled"]
+        lines.append(f"{head_label}, compiled with the Python wrapper in the same rounds: {py['tokens_per_s']:.1f} "
+                     f"tokens/s (the C++ wrapper: {cpp['tokens_per_s'] / py['tokens_per_s']:.2f}x; tokens identical: "
+                     f"{py['tokens'] == cpp['tokens']}).")
     if "llama.cpp Q4_1" in rows:
         ratios = [a / b for a, b in zip(rows[f"{head_label} compiled"]["runs"], rows["llama.cpp Q4_1"]["runs"],
                                         strict=True)]

@@ -70,6 +70,10 @@ def model_record(model: torch.nn.Module) -> tuple:
 STEP_OPTIONS = types.MappingProxyType({"guard_filter_fn": without_model_guards, "size_asserts": False,
                                        "alignment_asserts": False})
 
+#: Added to :data:`STEP_OPTIONS` by ``Generator(..., cpp_wrapper=True)``: the step's host code in C++, built apart
+#: from the kernels (a shorter build of the wrapper).
+CPP_WRAPPER_OPTIONS = types.MappingProxyType({"cpp_wrapper": True, "cpp_wrapper_build_separate": True})
+
 
 @dataclass(frozen=True)
 class Generation:
@@ -104,6 +108,9 @@ class Generator:
         compile: compile the one-token step with ``torch.compile(fullgraph=True)``: compiled once, in the first
             decode step of the first call (reported as ``compile_s``, not counted in the decode speed); later calls
             of the same generator reuse it.
+        cpp_wrapper: compile the step's host code to C++ as well (Inductor's ``cpp_wrapper``, built apart from the
+            kernels): no Python runs between the operators of a decode step. The first compilation takes longer
+            (a C++ build; cached across processes by Inductor). Needs ``compile=True``.
 
     Example:
         >>> import torch
@@ -117,12 +124,15 @@ class Generator:
         5
     """
 
-    def __init__(self, model: torch.nn.Module, max_len: int, *, compile: bool = True) -> None:
+    def __init__(self, model: torch.nn.Module, max_len: int, *, compile: bool = True,
+                 cpp_wrapper: bool = False) -> None:
         from transformers import StaticCache
 
         if not isinstance(max_len, int) or max_len < 2:
             raise ValueError(f"max_len must be an int >= 2 (prompt plus new tokens), got {max_len!r}")
-        self.model, self.max_len, self.compiled = model, max_len, compile
+        if cpp_wrapper and not compile:
+            raise ValueError("cpp_wrapper=True applies to the compiled step: it needs compile=True")
+        self.model, self.max_len, self.compiled, self.cpp_wrapper = model, max_len, compile, cpp_wrapper
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)  # one cache: the step compiles once
         self._record = model_record(model)
         self.step = self._compiled_step() if compile else self._forward
@@ -134,7 +144,8 @@ class Generator:
         code = Generator._forward.__code__
         forward = types.FunctionType(code.replace(co_name=f"{code.co_name}_{id(self):x}"), globals())
         # a copy of the options: torch.compile takes guard_filter_fn out of the dict it is given
-        return torch.compile(types.MethodType(forward, self), fullgraph=True, options=dict(STEP_OPTIONS))
+        options = dict(STEP_OPTIONS, **(CPP_WRAPPER_OPTIONS if self.cpp_wrapper else {}))
+        return torch.compile(types.MethodType(forward, self), fullgraph=True, options=options)
 
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:
         # the cache places the new keys after the ones it holds and the model takes the positions from it
@@ -183,9 +194,11 @@ class Generator:
 
 
 def generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, compile: bool = True,
-             eos_token_id: int | None = None, on_token: Callable[[int], None] | None = None) -> Generation:
+             cpp_wrapper: bool = False, eos_token_id: int | None = None,
+             on_token: Callable[[int], None] | None = None) -> Generation:
     """Greedy-decode ``max_new_tokens`` after ``input_ids`` with a new :class:`Generator` (which compiles its step
-    in this call; keep a :class:`Generator` to decode again without compiling).
+    in this call; keep a :class:`Generator` to decode again without compiling). ``compile`` and ``cpp_wrapper``
+    are the generator's.
 
     Example:
         >>> import torch
@@ -199,5 +212,5 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: in
         >>> len(generate(model, torch.tensor([[1, 2, 3]]), 4, compile=False).tokens)
         4
     """
-    gen = Generator(model, input_ids.shape[1] + max_new_tokens, compile=compile)
+    gen = Generator(model, input_ids.shape[1] + max_new_tokens, compile=compile, cpp_wrapper=cpp_wrapper)
     return gen(input_ids, max_new_tokens, eos_token_id=eos_token_id, on_token=on_token)

@@ -277,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=_positive, default=128, help="tokens to generate (default 128)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
     p.add_argument("--no-compile", action="store_true", help="run the decode step eagerly")
+    p.add_argument("--cpp-wrapper", action="store_true", help="compile the decode step's host code to C++ too "
+                   "(Inductor's cpp_wrapper: no Python between operators; a longer first compilation)")
     _add_embeddings(p)
 
     p = sub.add_parser("report", help="markdown table + plots from result JSONs")
@@ -625,6 +627,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from pbs2p import Generator
     from pbs2p_lab.assets import load_model
 
+    if args.cpp_wrapper and args.no_compile:
+        raise CommandError("--cpp-wrapper applies to the compiled decode step: it cannot go with --no-compile")
     device, dtype = _placement(args)
     model, tokenizer = load_model(args.model, dtype=dtype)
     model.to(device).eval()
@@ -636,7 +640,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if limit is not None and ids.shape[1] + args.max_new_tokens > limit:
         raise CommandError(f"prompt ({ids.shape[1]} tokens) plus --max-new-tokens {args.max_new_tokens} exceed the "
                            f"model's {limit} positions")
-    generator = Generator(model, ids.shape[1] + args.max_new_tokens, compile=not args.no_compile)
+    generator = Generator(model, ids.shape[1] + args.max_new_tokens, compile=not args.no_compile,
+                          cpp_wrapper=args.cpp_wrapper)
     streamer = TextStreamer(tokenizer, skip_special_tokens=True)  # prints each word as its tokens complete it
     sys.stdout.write(args.prompt)
     out = generator(ids, args.max_new_tokens, eos_token_id=None if args.ignore_eos else tokenizer.eos_token_id,
@@ -645,7 +650,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     compiled = f", compile {out.compile_s:.1f} s" if out.compile_s else ""
     print(f"pbs2p generate: {len(out.tokens)} new tokens; prefill {ids.shape[1]} tokens in {out.prefill_s:.2f} s"
           f"{compiled}; decode {out.tokens_per_s:.1f} tokens/s ({out.decode_steps} steps, "
-          f"{'eager' if args.no_compile else 'compiled'}, {torch.get_num_threads()} threads, {device}, "
+          f"{'eager' if args.no_compile else 'compiled' + (' with C++ wrapper' if args.cpp_wrapper else '')}, "
+          f"{torch.get_num_threads()} threads, {device}, "
           f"{args.dtype})", file=sys.stderr)
     return 0
 

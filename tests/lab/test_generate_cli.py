@@ -41,6 +41,8 @@ def test_generate_refuses_bad_requests(capsys):
         build_parser().parse_args(["generate", "--model", "tiny", "--prompt", "x", "--embeddings", "int4"])
     assert main(["generate", "--model", "tiny", "--prompt", "x", "--max-new-tokens", "100000", "--no-compile"]) == 2
     assert "exceed the model's" in capsys.readouterr().err
+    assert main(["generate", "--model", "tiny", "--prompt", "x", "--no-compile", "--cpp-wrapper"]) == 2
+    assert "cannot go with --no-compile" in capsys.readouterr().err
 
 
 def test_eval_with_int8_embeddings_labels_and_records_it(tmp_path, tiny):

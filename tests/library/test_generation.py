@@ -10,6 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from pbs2p import PBS2P, Generator, generate, int8_embeddings_, quantize_
 from pbs2p.embeddings import Int8Embedding, Int8Head
+from pbs2p.generation import without_model_guards
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -91,7 +92,6 @@ def test_generators_of_different_models_do_not_share_compiled_steps():
 def test_every_compilation_drops_the_model_guards(monkeypatch):
     """torch.compile takes ``guard_filter_fn`` out of the options dict it is given: every compilation (a second
     generator, a recompilation) needs the filter again, or its step checks thousands of guards per token."""
-    from pbs2p.generation import without_model_guards
 
     options, compile_ = [], torch.compile
 
@@ -139,6 +139,25 @@ def test_changed_modules_recompile_and_changed_values_do_not():
     model.train()  # a module's training flag is in the record too (dropout is traced only in training mode)
     assert gen(ids, 6).compile_s > 0
     model.eval()
+
+
+def test_cpp_wrapper_step_gives_the_eager_tokens(monkeypatch):
+    options = []
+    compile_ = torch.compile
+
+    def spy(fn, **kwargs):
+        options.append(dict(kwargs["options"]))
+        return compile_(fn, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    ids = torch.tensor([[5, 17, 3, 40]])
+    model = packed_llama()
+    int8_embeddings_(model)
+    out = generate(model, ids, 6, cpp_wrapper=True)
+    assert out.tokens == generate(model, ids, 6, compile=False).tokens and out.compile_s > 0
+    assert options[-1]["cpp_wrapper"] is True and options[-1]["guard_filter_fn"] is without_model_guards
+    with pytest.raises(ValueError, match="needs compile=True"):
+        Generator(model, 16, compile=False, cpp_wrapper=True)
 
 
 def test_stops_after_eos_and_streams_each_token():
