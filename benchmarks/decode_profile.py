@@ -1,12 +1,14 @@
 """Where a decoded token's time goes: the PyTorch profiler over compiled decode steps of packed SmolLM2.
 
-    python benchmarks/decode_profile.py [--nm 4:8] [--steps 32] [--threads 2] [--embeddings int8|model]
+    python benchmarks/decode_profile.py [--nm 4:8] [--steps 32] [--threads 2] [--embeddings int8|model] [--cpp-wrapper]
 
 The packed model of ``benchmarks/decode_speed.py`` (data-free ``quantize_``; with ``--embeddings int8`` also
 ``int8_embeddings_``) decodes with a compiled :class:`pbs2p.Generator`; after two warm-up generations the
 profiler records one generation (the prompt's prefill and ``--steps`` decode steps; the per-step figures divide
 its totals by ``--steps``, so they include the prefill's share). Writes the operator table (self CPU time, sorted) and
-the milliseconds per decode step of its top rows to ``benchmarks/results/decode/decode_profile.{md,json}``.
+the milliseconds per decode step of its top rows to ``benchmarks/results/decode/decode_profile.{md,json}``
+(``decode_profile_cpp_wrapper.{md,json}`` with ``--cpp-wrapper``: the step compiled with
+``Generator(..., cpp_wrapper=True)``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--embeddings", choices=("int8", "model"), default="int8")
+    parser.add_argument("--cpp-wrapper", action="store_true", help="the step with Inductor's C++ wrapper")
     args = parser.parse_args()
     n, m = map(int, args.nm.split(":"))
     torch.set_num_threads(args.threads)
@@ -42,7 +45,7 @@ def main() -> None:
     if args.embeddings == "int8":
         pbs2p.int8_embeddings_(model)
     prompt = tokenizer(PROMPT, return_tensors="pt").input_ids
-    gen = pbs2p.Generator(model, prompt.shape[1] + args.steps + 1, compile=True)
+    gen = pbs2p.Generator(model, prompt.shape[1] + args.steps + 1, compile=True, cpp_wrapper=args.cpp_wrapper)
     for _ in range(2):
         gen(prompt, args.steps + 1)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -53,21 +56,26 @@ def main() -> None:
             "ms_per_step": e.self_cpu_time_total / 1e3 / args.steps,
             "share": e.self_cpu_time_total / total} for e in events[:12]]
     record = {"command": f"python benchmarks/decode_profile.py --nm {args.nm} --steps {args.steps} "
-                         f"--threads {args.threads} --embeddings {args.embeddings}",
+                         f"--threads {args.threads} --embeddings {args.embeddings}"
+                         + (" --cpp-wrapper" if args.cpp_wrapper else ""),
+              "cpp_wrapper": args.cpp_wrapper,
               "kernel_backend": kernel_backend(), "threads": args.threads, "load_average": os.getloadavg(),
               "tokens_per_s_while_profiled": out.tokens_per_s, "ms_per_step_profiled": total / 1e3 / args.steps,
               "top": top, "versions": package_versions()}
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "decode_profile.json").write_text(json.dumps(record, indent=1) + "\n")
-    lines = [f"Compiled decode steps of SmolLM2 {args.nm} (embeddings: {args.embeddings}), {args.threads} threads, "
-             f"`{kernel_backend()}`; profiled one generation, the prefill of the {prompt.shape[1]}-token prompt and "
+    stem = "decode_profile_cpp_wrapper" if args.cpp_wrapper else "decode_profile"
+    (OUT / f"{stem}.json").write_text(json.dumps(record, indent=1) + "\n")
+    wrapper = "C++ wrapper" if args.cpp_wrapper else "Python wrapper"
+    lines = [f"Compiled decode steps ({wrapper}) of SmolLM2 {args.nm} (embeddings: {args.embeddings}), "
+             f"{args.threads} threads, `{kernel_backend()}`; profiled one generation, the prefill of the "
+             f"{prompt.shape[1]}-token prompt and "
              f"{args.steps} decode steps ({out.tokens_per_s:.1f} tokens/s while profiled); per step = its totals / "
              f"{args.steps} ({total / 1e3 / args.steps:.2f} ms of self CPU time), so the prefill's share is in them.",
              "",
              "| operator (self CPU time) | calls per step | ms per step | share |", "|---|---:|---:|---:|"]
     lines += [f"| {t['name'][:60]} | {t['calls_per_step']:.0f} | {t['ms_per_step']:.2f} | {t['share']:.1%} |"
               for t in top]
-    (OUT / "decode_profile.md").write_text("\n".join(lines) + "\n")
+    (OUT / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
