@@ -43,6 +43,7 @@ from pbs2p_lab.eval.results import package_versions
 
 OUT = Path(__file__).parent / "results" / "decode"
 PROMPT = "The history of the English language begins with the arrival of"
+PYTHON_WRAPPER = ", Python wrapper"  # suffix of the row timing the int8-embeddings model without --cpp-wrapper
 
 
 class Torch:
@@ -124,7 +125,7 @@ def main() -> None:
     models = (("fp32", fp32), (packed_label, packed), (head_label, head8))
     runners = {f"{label} {mode}": Torch(model, prompt, args.new_tokens, mode == "compiled", args.cpp_wrapper)
                for label, model in models for mode in ("eager", "compiled")}
-    python_wrapper = f"{head_label} compiled, Python wrapper"
+    python_wrapper = f"{head_label} compiled{PYTHON_WRAPPER}"
     if args.cpp_wrapper:  # the same model and step without the C++ wrapper, taking its turn in the same rounds
         runners[python_wrapper] = Torch(head8, prompt, args.new_tokens, True, False)
     llama_version = None
@@ -224,7 +225,7 @@ def _markdown(result: dict, rows: dict, models, packed_label: str, head_label: s
               f"{result['int8_embeddings']['bytes_before'] / 1e6:.1f} MB) the greedy tokens equal the packed model's "
               f"for the first {agree['common_prefix']} of {result['new_tokens']} tokens "
               f"({agree['equal_positions']:.0%} of positions equal)."]
-    python_wrapper = f"{head_label} compiled, Python wrapper"
+    python_wrapper = f"{head_label} compiled{PYTHON_WRAPPER}"
     if python_wrapper in rows:
         py, cpp = rows[python_wrapper], rows[f"{head_label} compiled"]
         lines.append(f"{head_label}, compiled with the Python wrapper in the same rounds: {py['tokens_per_s']:.1f} "

@@ -89,10 +89,9 @@ def test_generators_of_different_models_do_not_share_compiled_steps():
     assert first != second  # the two models disagree, so sharing would show
 
 
-def test_every_compilation_drops_the_model_guards(monkeypatch):
-    """torch.compile takes ``guard_filter_fn`` out of the options dict it is given: every compilation (a second
-    generator, a recompilation) needs the filter again, or its step checks thousands of guards per token."""
-
+@pytest.fixture
+def compile_options(monkeypatch) -> list[dict]:
+    """The options of every ``torch.compile`` call made during the test (copied before torch.compile edits them)."""
     options, compile_ = [], torch.compile
 
     def spy(fn, **kwargs):
@@ -100,6 +99,12 @@ def test_every_compilation_drops_the_model_guards(monkeypatch):
         return compile_(fn, **kwargs)
 
     monkeypatch.setattr(torch, "compile", spy)
+    return options
+
+
+def test_every_compilation_drops_the_model_guards(compile_options):
+    """torch.compile takes ``guard_filter_fn`` out of the options dict it is given: every compilation (a second
+    generator, a recompilation) needs the filter again, or its step checks thousands of guards per token."""
     ids = torch.tensor([[5, 17, 3, 40]])
     model = packed_llama()
     Generator(model, 16)(ids, 4)
@@ -107,8 +112,8 @@ def test_every_compilation_drops_the_model_guards(monkeypatch):
     gen(ids, 4)
     int8_embeddings_(model)
     assert gen(ids, 4).compile_s > 0  # compiled again
-    assert len(options) == 3
-    assert all(o.get("guard_filter_fn") is without_model_guards for o in options), options
+    assert len(compile_options) == 3
+    assert all(o.get("guard_filter_fn") is without_model_guards for o in compile_options), compile_options
 
 
 @pytest.mark.parametrize("compiled", [False, True])
@@ -141,21 +146,14 @@ def test_changed_modules_recompile_and_changed_values_do_not():
     model.eval()
 
 
-def test_cpp_wrapper_step_gives_the_eager_tokens(monkeypatch):
-    options = []
-    compile_ = torch.compile
-
-    def spy(fn, **kwargs):
-        options.append(dict(kwargs["options"]))
-        return compile_(fn, **kwargs)
-
-    monkeypatch.setattr(torch, "compile", spy)
+def test_cpp_wrapper_step_gives_the_eager_tokens(compile_options):
     ids = torch.tensor([[5, 17, 3, 40]])
     model = packed_llama()
     int8_embeddings_(model)
     out = generate(model, ids, 6, cpp_wrapper=True)
     assert out.tokens == generate(model, ids, 6, compile=False).tokens and out.compile_s > 0
-    assert options[-1]["cpp_wrapper"] is True and options[-1]["guard_filter_fn"] is without_model_guards
+    assert compile_options[-1]["cpp_wrapper"] is True
+    assert compile_options[-1]["guard_filter_fn"] is without_model_guards
     with pytest.raises(ValueError, match="needs compile=True"):
         Generator(model, 16, compile=False, cpp_wrapper=True)
 
