@@ -42,7 +42,7 @@ from . import packing
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = (
     "bsp_linear.cpp",
-    "work_pool.cpp",
+    "parallel_items.cpp",
     "nm_tables.cpp",
     "kernels_scalar.cpp",
     "kernels_avx2.cpp",
@@ -50,9 +50,9 @@ SOURCES = (
     "sweep.cpp",
     "int8_rows.cpp",
 )
-HEADERS = ("kernels.h", "work_pool.h")
-CFLAGS = ("-O3", "-fno-math-errno")
-LDFLAGS: tuple[str, ...] = ()
+HEADERS = ("kernels.h", "parallel_items.h")
+CFLAGS = ("-O3", "-fno-math-errno", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
 #: Version of the cache layout (the verified library and its record); part of the build key.
 CACHE_LAYOUT = 2
 RECORD = "build.json"

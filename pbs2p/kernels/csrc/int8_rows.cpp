@@ -12,7 +12,7 @@
 #include <algorithm>
 
 #include "kernels.h"
-#include "work_pool.h"
+#include "parallel_items.h"
 
 namespace pbs2p {
 namespace {
