@@ -430,8 +430,9 @@ bool all_finite(const at::Tensor& t) {
 // NaN in all its outputs, a weight row whose alpha or mu is NaN or Inf gives NaN in its output column. A
 // non-finite scale always reaches its column's outputs (Inf * 0 is NaN), so when x and y are all finite there is
 // nothing to do: the usual case costs one pass over x and y; the full rule runs otherwise.
-void apply_nonfinite_rule(const at::Tensor& x2d, const at::Tensor& alpha, const at::Tensor& mu, at::Tensor& y2d) {
-  if (all_finite(x2d) && all_finite(y2d)) return;
+void apply_nonfinite_rule(const at::Tensor& x, const at::Tensor& alpha, const at::Tensor& mu, at::Tensor& y) {
+  if (all_finite(x) && all_finite(y)) return;
+  const at::Tensor x2d = x.reshape({-1, x.size(-1)}), y2d = y.view({-1, y.size(-1)});
   const at::Tensor rows = at::isfinite(x2d).all(-1, /*keepdim=*/true);
   const at::Tensor columns = at::logical_and(at::isfinite(alpha).all(-1), at::isfinite(mu).all(-1));
   y2d.copy_(at::where(at::logical_and(rows, columns), y2d, std::numeric_limits<float>::quiet_NaN()));
@@ -523,7 +524,8 @@ at::Tensor bsp_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at
     apply_nonfinite_rule(x2d, alpha_c, mu_c, y2d);
     return y;
   }
-  const at::Tensor xc = x.reshape({B, K}).contiguous();
+  // x itself when contiguous: no reshaped view (a tensor object per call, hundreds per decoded token)
+  const at::Tensor xc = x.contiguous();
   p.x_bf16 = x.scalar_type() == at::kBFloat16;
   const int64_t row_bytes = K * static_cast<int64_t>(xc.element_size());
   for (int64_t b0 = 0; b0 < B; b0 += kMaxBatchPerPass) {
@@ -535,8 +537,7 @@ at::Tensor bsp_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at
       lut_pass(p, xp, nb, y.data_ptr<at::BFloat16>() + b0 * out);
     }
   }
-  at::Tensor y2d = y.view({B, out});
-  apply_nonfinite_rule(xc, alpha_c, mu_c, y2d);
+  apply_nonfinite_rule(xc, alpha_c, mu_c, y);
   return y;
 }
 
