@@ -99,6 +99,35 @@ def test_threads_give_the_same_result(batch):
     assert_within_contract(parallel, x, codes, alpha, mu, None, 4, 8, 128)
 
 
+def _one_thread_product(queue, x, codes, alpha, mu) -> None:
+    torch.set_num_threads(1)
+    queue.put(torch.ops.pbs2p.bsp_linear(x, codes, alpha, mu, None, 4, 8, 128).tolist())  # plain data: the child exits
+
+
+def test_a_child_forked_after_parallel_calls_runs_on_one_thread():
+    # docs/kernels.md: after OpenMP ran, a forked child must use one thread (libgomp does not survive a fork).
+    import multiprocessing
+
+    codes, alpha, mu = random_weight(4096, 1024, 4, 8, 128, torch.float32, 5)  # above the one-thread size
+    x = torch.randn(1, 1024)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        parallel = torch.ops.pbs2p.bsp_linear(x, codes, alpha, mu, None, 4, 8, 128)  # OpenMP threads started
+    finally:
+        torch.set_num_threads(threads)
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_one_thread_product, args=(queue, x, codes, alpha, mu))
+    child.start()
+    try:
+        assert torch.equal(torch.tensor(queue.get(timeout=120)), parallel)
+    finally:
+        child.join(timeout=10)
+        if child.is_alive():
+            child.kill()
+
+
 @pytest.mark.parametrize("scale_block", [0, 64, 256, 2000])
 @pytest.mark.parametrize(("n", "m"), [(4, 8), (2, 4), (8, 16), (5, 8)])
 def test_bf16_prefill_path(monkeypatch, n, m, scale_block):
