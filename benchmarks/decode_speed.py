@@ -64,7 +64,12 @@ class LlamaCpp:
     """llama.cpp on a GGUF: the prompt's token ids in one batch, then one argmax token per ``eval`` call."""
 
     def __init__(self, gguf: Path, prompt: torch.Tensor, new_tokens: int, threads: int) -> None:
-        import llama_cpp
+        try:
+            import llama_cpp
+        except ImportError as e:
+            raise SystemExit("--llama-cpp needs llama-cpp-python, which the set-up does not install: "
+                             'CMAKE_ARGS="-DGGML_NATIVE=ON" pip install --no-binary llama-cpp-python '
+                             "llama-cpp-python==0.3.36") from e
         import numpy as np
 
         self.np, self.prompt, self.new_tokens = np, prompt[0].tolist(), new_tokens

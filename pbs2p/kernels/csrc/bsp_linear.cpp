@@ -230,7 +230,7 @@ inline void prefetch(const uint8_t* p, int64_t bytes) {
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
 }
 
-// Buffers of the calling thread (the helpers only read and write them during its call).
+// Buffers of the calling thread (the other threads only read and write them during its call).
 Scratch<float>& caller_tables() {
   static thread_local Scratch<float> s;
   return s;

@@ -2,7 +2,7 @@
 // y = x @ (scale[:, None] * q).T for an int8 matrix q [V, K] with one float32 scale per row.
 //
 // Up to kMaxGemvRows activation rows (decoding): the ISA kernels (kernels.h, Int8RowsArgs) read each
-// int8 row once for all activation rows and sum in float32, rows split over the work pool. From
+// int8 row once for all activation rows and sum in float32, rows split over torch's threads. From
 // kMaxGemvRows rows on (prefill, perplexity windows) the matrix is widened to float32 kChunkRows rows
 // at a time and multiplied with the BLAS. Activations float32 or bfloat16; y in the activations' dtype.
 #include <ATen/ATen.h>

@@ -84,8 +84,9 @@ def test_large_batch_spans_several_k_chunks(isa, n, m):
 
 @pytest.mark.parametrize("batch", [1, 16, 64])
 def test_threads_give_the_same_result(batch):
-    # Large enough for several threads (several row tiles per item when batch = 64).
-    codes, alpha, mu = random_weight(1000, 1024, 4, 8, 128, torch.float32, 4)
+    # Large enough for several threads at every batch (above the one-thread size at batch 1; several row tiles per
+    # item when batch = 64).
+    codes, alpha, mu = random_weight(4000, 1024, 4, 8, 128, torch.float32, 4)
     x = torch.randn(batch, 1024)
     threads = torch.get_num_threads()
     try:
