@@ -51,9 +51,12 @@ ENV_VAR = "PBS2P_KERNEL"
 #: float32: sums in fp32 in different orders (observed: below 1e-7 of the scale, K up to 8192).
 #: bfloat16 (unit roundoff u = 2^-8): the output is rounded to bf16 once, and ``W_hat`` once on the torch
 #: path (computed in fp32 first); the native BLAS path (bf16 prefill) rounds ``alpha`` and ``mu`` to bf16
-#: before adding them when they are stored in another dtype: three roundings, 3u = 1.17e-2 at worst.
+#: before adding them when they are stored in another dtype: three roundings, 3u. The native batch-1 kernel with
+#: bf16 tables (N:8 on AVX-512 CPUs with bf16 dot products) rounds each group's kept sum and the two half sums of
+#: its positive weights to bf16: an error of at most u * (|mu - alpha| * sum_kept |x| + 2 |alpha| * sum_pos |x|)
+#: <= 3u of the scale, plus the output's rounding: 4u = 1.56e-2 at worst.
 #: float16 and float64 activations run the torch path (``W_hat`` computed in float32 or float64).
-TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 1.2e-2, torch.float16: 1e-2, torch.float64: 1e-12}
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 1e-2, torch.float64: 1e-12}
 CHOICES = ("auto", "native", "torch", "avx512", "avx2", "scalar")
 
 

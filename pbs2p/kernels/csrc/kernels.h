@@ -34,6 +34,9 @@ struct NMTables {
   alignas(64) uint8_t ts[128];          // m = 8: idx -> S
   alignas(64) uint8_t t1[256];          // m = 8: S_lo << 4 | s_lo -> P_lo
   alignas(64) uint8_t t2[256];          // m = 8: S_hi << 4 | s_hi -> P_hi << 4
+  alignas(64) uint8_t t2x[256];         // m = 8: S_hi << 4 | s_hi -> 16 + P_hi (the bf16-table kernel's index)
+  alignas(64) uint8_t ts_lo4[128];      // m = 8: idx -> S_lo << 4
+  alignas(64) uint8_t ts_hi4[128];      // m = 8: idx -> S_hi << 4
   alignas(64) uint8_t js[64];           // m = 4: joint code -> S
   alignas(64) uint8_t jp[64];           // m = 4: joint code -> P
   uint64_t idx_load_mask, sgn_load_mask;
@@ -121,6 +124,10 @@ PBS2P_DECLARE_ISA(avx512)
 namespace avx512 {
 // decode + lookup for one batch row (m = 4, 8), without the D buffer.
 void decode_lookup1(const NMTables& t, const uint8_t* blocks, const LookupArgs& a);
+// One batch row of bfloat16 activations, m = 8, on CPUs with AVX512_BF16: tables of 384 bytes per group
+// (96 floats of `tables`; see kernels_avx512.cpp).
+void build_tables_bf16(const NMTables& t, const uint16_t* x, int64_t g0, int64_t g1, uint8_t* tables);
+void decode_lookup1_bf16(const NMTables& t, const uint8_t* blocks, const LookupArgs& a);
 }
 
 }  // namespace pbs2p

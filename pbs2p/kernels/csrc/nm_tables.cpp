@@ -77,6 +77,8 @@ std::unique_ptr<NMTables> build(int n, int m) {
     for (uint32_t v = 0; v < 128; ++v) {
       const uint32_t idx = v & ((1u << wi) - 1);
       t->ts[v] = idx < static_cast<uint32_t>(c) ? static_cast<uint8_t>(t->masks[idx]) : 0;
+      t->ts_lo4[v] = static_cast<uint8_t>(t->ts[v] << 4);
+      t->ts_hi4[v] = static_cast<uint8_t>(t->ts[v] & 0xF0);
     }
     // The low nibble of S takes the first popcount(S_lo) signs; the high nibble the last
     // popcount(S_hi) ones, which are the top bits of the sign byte shifted by max(n - 4, 0).
@@ -88,6 +90,7 @@ std::unique_ptr<NMTables> build(int n, int m) {
         if (ca <= w) {
           t->t2[a << 4 | v] = static_cast<uint8_t>(deposit((v >> (w - ca)) & ((1u << ca) - 1), a) << 4);
         }
+        t->t2x[a << 4 | v] = static_cast<uint8_t>(16 | t->t2[a << 4 | v] >> 4);
       }
     }
   } else {
