@@ -53,8 +53,8 @@ ENV_VAR = "PBS2P_KERNEL"
 #: path (computed in fp32 first); the native BLAS path (bf16 prefill) rounds ``alpha`` and ``mu`` to bf16
 #: before adding them when they are stored in another dtype: three roundings, 3u. The native batch-1 kernel with
 #: bf16 tables (N:8 on AVX-512 CPUs with bf16 dot products) rounds each group's kept sum and the two half sums of
-#: its positive weights to bf16: an error of at most u * (|mu - alpha| * sum_kept |x| + 2 |alpha| * sum_pos |x|)
-#: <= 3u of the scale, plus the output's rounding: 4u = 1.56e-2 at worst.
+#: its positive weights to bf16: an error of at most ``u * (|mu - alpha| * sum_kept |x| + 2 |alpha| * sum_pos |x|)``,
+#: at most 3u of the scale, plus the output's rounding: 4u = 1.56e-2 at worst.
 #: float16 and float64 activations run the torch path (``W_hat`` computed in float32 or float64).
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 1e-2, torch.float64: 1e-12}
 CHOICES = ("auto", "native", "torch", "avx512", "avx2", "scalar")

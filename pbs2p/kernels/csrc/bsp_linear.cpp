@@ -230,14 +230,20 @@ inline void prefetch(const uint8_t* p, int64_t bytes) {
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
 }
 
-// Batch 1, bfloat16 activations, m = 8, on AVX-512 CPUs with bf16 dot products: the kernel with bf16 tables
-// (avx512::decode_lookup1_bf16; the other paths' tables are float32). Its table values are rounded to bf16 once,
-// within the bf16 contract (pbs2p.kernels.ops.TOLERANCE); on Zen 5 it does a group of 64 rows in about 60 % of
-// the time of the float32 tables.
-bool bf16_tables(const Problem& p, int64_t nb) {
+// The AVX-512 kernels for one batch row of N:8 weights, which read each group's kept sum by idx (the others
+// add two nibble lookups per row): bfloat16 activations on CPUs with bf16 dot products take bf16 tables (rounded
+// once, within the bf16 contract of pbs2p.kernels.ops.TOLERANCE), the others float32 tables. Measured on Zen 5,
+// 2 threads, calls alternating with the nibble kernels in one process: 4096 x 4096 1.22x (bf16) and 1.03-1.09x
+// (float32) their speed, 11008 x 4096 1.69-1.74x and 1.18-1.20x; SmolLM2's float32 shapes 1.01-1.07x.
+enum class Batch1 { kNone, kIdx, kIdxBf16 };
+
+Batch1 batch1_kernel(const Problem& p, int64_t nb) {
   static const bool bf16_dot = __builtin_cpu_supports("avx512bf16");
-  return nb == 1 && p.x_bf16 && p.isa == kAvx512 && p.t->m == 8 && bf16_dot;
+  if (nb != 1 || p.isa != kAvx512 || p.t->m != 8) return Batch1::kNone;
+  return p.x_bf16 && bf16_dot ? Batch1::kIdxBf16 : Batch1::kIdx;
 }
+
+int64_t batch1_table_floats(Batch1 k) { return k == Batch1::kIdxBf16 ? 96 : 160; }
 
 // Buffers of the calling thread (the other threads only read and write them during its call).
 Scratch<float>& caller_tables() {
@@ -253,11 +259,12 @@ Scratch<float>& caller_accumulators() {
 template <typename T>
 void lut_pass(const Problem& p, const void* x, int64_t nb, T* y) {
   const NMTables& t = *p.t;
-  const bool bt = bf16_tables(p, nb);
-  const int64_t K = p.K, G = p.G, nib = t.nib, max_nb = p.ops.max_nb, tf = bt ? 96 : p.ops.table_floats(t.m);
+  const Batch1 b1 = batch1_kernel(p, nb);
+  const int64_t K = p.K, G = p.G, nib = t.nib, max_nb = p.ops.max_nb;
+  const int64_t tf = b1 != Batch1::kNone ? batch1_table_floats(b1) : p.ops.table_floats(t.m);
   // Tables of each block of max_nb batch rows are contiguous, [b-block][g][row][tf], so one
   // lookup call walks them with a small stride (a stride of nb * 512 bytes thrashes L1 sets).
-  const int64_t bblocks = (nb + max_nb - 1) / max_nb, bblock_floats = G * (bt ? 1 : max_nb) * tf;
+  const int64_t bblocks = (nb + max_nb - 1) / max_nb, bblock_floats = G * (b1 != Batch1::kNone ? 1 : max_nb) * tf;
   float* tables = caller_tables().get(bblocks * bblock_floats);
   float* yacc = caller_accumulators().get(p.tiles * nb * kTileRows);
 
@@ -265,8 +272,12 @@ void lut_pass(const Problem& p, const void* x, int64_t nb, T* y) {
   parallel_items(bblocks * titems, p.threads, [&](int64_t i) {
     const int64_t bb = i / titems, g0 = i % titems * tgroups, g1 = std::min(G, g0 + tgroups);
     const int64_t offset = bb * max_nb * K * (p.x_bf16 ? 2 : 4);
-    if (bt) {
+    if (b1 == Batch1::kIdxBf16) {
       avx512::build_tables_bf16(t, static_cast<const uint16_t*>(x), g0, g1, reinterpret_cast<uint8_t*>(tables));
+      return;
+    }
+    if (b1 == Batch1::kIdx) {
+      avx512::build_tables_idx(t, x, p.x_bf16, g0, g1, tables);
       return;
     }
     p.ops.build_tables(static_cast<const char*>(x) + offset, p.x_bf16, K, std::min(max_nb, nb - bb * max_nb), t.m,
@@ -310,14 +321,16 @@ void lut_pass(const Problem& p, const void* x, int64_t nb, T* y) {
             prefetch(p.codes + ((tile + 1) * G + c0) * t.block_bytes,
                      std::min(kGroupsPerDecode, c1 - c0) * t.block_bytes);
           }
-          if (bt || fused) {
+          if (b1 != Batch1::kNone || fused) {
             a.D = nullptr;
             a.tables = tables + g * tf;
             a.table_stride = tf;
             a.nb = 1;
             a.acc = acc;
-            if (bt) {
+            if (b1 == Batch1::kIdxBf16) {
               avx512::decode_lookup1_bf16(t, blocks, a);
+            } else if (b1 == Batch1::kIdx) {
+              avx512::decode_lookup1_idx(t, blocks, a);
             } else {
               avx512::decode_lookup1(t, blocks, a);
             }

@@ -124,6 +124,9 @@ PBS2P_DECLARE_ISA(avx512)
 namespace avx512 {
 // decode + lookup for one batch row (m = 4, 8), without the D buffer.
 void decode_lookup1(const NMTables& t, const uint8_t* blocks, const LookupArgs& a);
+// One batch row, m = 8, float32 tables: 640 bytes per group (160 floats of `tables`; see kernels_avx512.cpp).
+void build_tables_idx(const NMTables& t, const void* x, bool x_bf16, int64_t g0, int64_t g1, float* tables);
+void decode_lookup1_idx(const NMTables& t, const uint8_t* blocks, const LookupArgs& a);
 // One batch row of bfloat16 activations, m = 8, on CPUs with AVX512_BF16: tables of 384 bytes per group
 // (96 floats of `tables`; see kernels_avx512.cpp).
 void build_tables_bf16(const NMTables& t, const uint16_t* x, int64_t g0, int64_t g1, uint8_t* tables);

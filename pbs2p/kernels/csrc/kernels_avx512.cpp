@@ -222,6 +222,144 @@ void decode_lookup1(const NMTables& t, const uint8_t* blocks, const LookupArgs& 
 // words for P), and vdpbf16ps times (1, 0) / (0, 1) (times (1, 1) for P's two halves) adds them to float32 sums.
 // The unpacks leave rows in two interleaved orders; each scale block's sums are put back in row order before its
 // scales apply. About 45 vector instructions per group of 64 rows against about 100 for the float32 tables.
+// Batch 1, float32 tables, m = 8: each group's kept sum read by idx. Per group (640 bytes, see build_tables_idx):
+// the kept sum of every idx (128 float32 values, idx has up to 7 bits) as four planes of 128 bytes, byte j of every
+// value in plane j, each read by one vpermi2b with idx; then the 16 subset sums of each half for the positive sum,
+// read by vpermps as in the other kernels. Unpacking the four bytes of 64 rows gives the kept sums of 16 rows per
+// vector in lane order (slot 16 k + 4 L + i holds row 16 L + 4 k + i), put back in row order per scale block.
+// Every sum is the one the other float32 kernels compute (the two half sums added in float32).
+void build_tables_idx(const NMTables& t, const void* x, bool x_bf16, int64_t g0, int64_t g1, float* tables) {
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  alignas(64) uint8_t planes[64];  // byte j of value i to 16 j + i
+  alignas(64) int32_t lo_of[128], hi_of[128];
+  for (int i = 0; i < 16; ++i) {
+    for (int j = 0; j < 4; ++j) planes[16 * j + i] = static_cast<uint8_t>(4 * i + j);
+  }
+  for (int v = 0; v < 128; ++v) {
+    lo_of[v] = t.ts[v] & 15;
+    hi_of[v] = t.ts[v] >> 4;
+  }
+  const __m512i ctl = _mm512_load_si512(planes);
+  __m512 bit[4];
+  for (int j = 0; j < 4; ++j) {
+    bit[j] = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(lane, j), _mm512_set1_epi32(1)));
+  }
+  for (int64_t g = g0; g < g1; ++g) {
+    __m512 v[2];
+    for (int h = 0; h < 2; ++h) {
+      const int64_t xi = g * 8 + 4 * h;
+      v[h] = _mm512_mul_ps(_mm512_set1_ps(activation(x, x_bf16, xi)), bit[0]);
+      for (int j = 1; j < 4; ++j) v[h] = _mm512_fmadd_ps(_mm512_set1_ps(activation(x, x_bf16, xi + j)), bit[j], v[h]);
+    }
+    float* tg = tables + g * 160;
+    __m512 b[8];  // kept sums of idx 16 q .. 16 q + 15 as [byte 0 x 16 | byte 1 x 16 | byte 2 x 16 | byte 3 x 16]
+    for (int q = 0; q < 8; ++q) {
+      const __m512 sum = _mm512_add_ps(_mm512_permutexvar_ps(_mm512_load_si512(lo_of + 16 * q), v[0]),
+                                       _mm512_permutexvar_ps(_mm512_load_si512(hi_of + 16 * q), v[1]));
+      b[q] = _mm512_castsi512_ps(_mm512_permutexvar_epi8(ctl, _mm512_castps_si512(sum)));
+    }
+    for (int h = 0; h < 2; ++h) {  // plane j, idx 64 h .. 64 h + 63: chunk j of b[4 h .. 4 h + 3]
+      __m512* q = b + 4 * h;
+      const __m512 t0 = _mm512_shuffle_f32x4(q[0], q[1], 0x44), t1 = _mm512_shuffle_f32x4(q[0], q[1], 0xEE);
+      const __m512 t2 = _mm512_shuffle_f32x4(q[2], q[3], 0x44), t3 = _mm512_shuffle_f32x4(q[2], q[3], 0xEE);
+      _mm512_storeu_ps(tg + 0 * 32 + 16 * h, _mm512_shuffle_f32x4(t0, t2, 0x88));
+      _mm512_storeu_ps(tg + 1 * 32 + 16 * h, _mm512_shuffle_f32x4(t0, t2, 0xDD));
+      _mm512_storeu_ps(tg + 2 * 32 + 16 * h, _mm512_shuffle_f32x4(t1, t3, 0x88));
+      _mm512_storeu_ps(tg + 3 * 32 + 16 * h, _mm512_shuffle_f32x4(t1, t3, 0xDD));
+    }
+    _mm512_storeu_ps(tg + 128, v[0]);
+    _mm512_storeu_ps(tg + 144, v[1]);
+  }
+}
+
+// Lane order to row order: v[k] holds rows 16 L + 4 k + i at 4 L + i; afterwards v[q] holds rows 16 q + j at j (a
+// transpose of 4 x 4 blocks of 128 bits).
+static inline void to_row_order(__m512 v[4]) {
+  const __m512 t0 = _mm512_shuffle_f32x4(v[0], v[1], 0x44), t1 = _mm512_shuffle_f32x4(v[0], v[1], 0xEE);
+  const __m512 t2 = _mm512_shuffle_f32x4(v[2], v[3], 0x44), t3 = _mm512_shuffle_f32x4(v[2], v[3], 0xEE);
+  v[0] = _mm512_shuffle_f32x4(t0, t2, 0x88);
+  v[1] = _mm512_shuffle_f32x4(t0, t2, 0xDD);
+  v[2] = _mm512_shuffle_f32x4(t1, t3, 0x88);
+  v[3] = _mm512_shuffle_f32x4(t1, t3, 0xDD);
+}
+
+// The index bytes of one block for the idx kernels: idx, and i1 / i2 (S_lo << 4 | low signs, S_hi << 4 | high
+// signs) for the positive halves.
+template <bool N4>
+static inline void decode_idx(const Dec& c, const __m512i sl[2], const __m512i sh[2], const uint8_t* b, __m512i& idx,
+                              __m512i& i1, __m512i& i2) {
+  // 4:8: 56 idx bytes then 32 sign bytes, so plain loads stay inside the block
+  const __m512i ia = N4 ? _mm512_loadu_si512(b) : _mm512_maskz_loadu_epi8(c.lmi, b);
+  const __m512i sa = N4 ? _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + c.ib)))
+                        : _mm512_maskz_loadu_epi8(c.lms, b + c.ib);
+  idx = _mm512_multishift_epi64_epi8(c.shi, _mm512_permutexvar_epi8(c.gi, ia));
+  const __m512i sq = _mm512_permutexvar_epi8(c.gs, sa);
+  // 0xE4: (a & c) | (b & ~c): high nibble from a (S_lo << 4 or S_hi << 4), low nibble from b (signs).
+  i1 = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(sl[0], idx, sl[1]), _mm512_multishift_epi64_epi8(c.shlo, sq),
+                                 c.f0, 0xE4);
+  i2 = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(sh[0], idx, sh[1]), _mm512_multishift_epi64_epi8(c.shhi, sq),
+                                 c.f0, 0xE4);
+}
+
+// P's low nibble (from t1) or a byte whose low nibble is P's high nibble (from t), one byte per row.
+static inline __m512i positive_half(__m512i i, const __m512i t[4]) {
+  return _mm512_mask_blend_epi8(_mm512_movepi8_mask(i), _mm512_permutex2var_epi8(t[0], i, t[1]),
+                                _mm512_permutex2var_epi8(t[2], i, t[3]));
+}
+
+template <bool N4>
+static void decode_lookup1_idx_n(const NMTables& t, const uint8_t* blocks, const LookupArgs& a) {
+  const Dec c = load_dec(t);
+  const __m512i sl[2] = {_mm512_load_si512(t.ts_lo4), _mm512_load_si512(t.ts_lo4 + 64)};
+  const __m512i sh[2] = {_mm512_load_si512(t.ts_hi4), _mm512_load_si512(t.ts_hi4 + 64)};
+  __m512i t2[4];
+  for (int i = 0; i < 4; ++i) t2[i] = _mm512_load_si512(t.t2x + 64 * i);
+  for (int64_t g = 0; g < a.ng;) {
+    const int64_t blk = (a.g_abs + g) / a.gpb;
+    int64_t gend = (blk + 1) * a.gpb - a.g_abs;
+    if (gend > a.ng) gend = a.ng;
+    __m512 sums[4], pos[4];  // kept sums in lane order, positive sums in row order
+    for (int k = 0; k < 4; ++k) sums[k] = pos[k] = _mm512_setzero_ps();
+    for (; g < gend; ++g) {
+      __m512i idx, i1, i2;
+      decode_idx<N4>(c, sl, sh, blocks + g * c.bb, idx, i1, i2);
+      const __m512i plo = positive_half(i1, c.t1), phi = positive_half(i2, t2);
+      const float* tg = a.tables + g * a.table_stride;
+      __m512i bytes[4];
+      for (int j = 0; j < 4; ++j) {
+        bytes[j] = _mm512_permutex2var_epi8(_mm512_loadu_si512(tg + 32 * j), idx, _mm512_loadu_si512(tg + 32 * j + 16));
+      }
+      const __m512i w01[2] = {_mm512_unpacklo_epi8(bytes[0], bytes[1]), _mm512_unpackhi_epi8(bytes[0], bytes[1])};
+      const __m512i w23[2] = {_mm512_unpacklo_epi8(bytes[2], bytes[3]), _mm512_unpackhi_epi8(bytes[2], bytes[3])};
+      for (int h = 0; h < 2; ++h) {
+        sums[2 * h] = _mm512_add_ps(sums[2 * h], _mm512_castsi512_ps(_mm512_unpacklo_epi16(w01[h], w23[h])));
+        sums[2 * h + 1] = _mm512_add_ps(sums[2 * h + 1], _mm512_castsi512_ps(_mm512_unpackhi_epi16(w01[h], w23[h])));
+      }
+      const __m512 tlo = _mm512_loadu_ps(tg + 128), thi = _mm512_loadu_ps(tg + 144);
+      for (int k = 0; k < 4; ++k) {
+        const __m512i d = _mm512_permutex2var_epi8(plo, c.dx[k], phi);  // P_lo in bits 0-3, P_hi in bits 16-19
+        pos[k] = _mm512_add_ps(pos[k], _mm512_add_ps(_mm512_permutexvar_ps(d, tlo),
+                                                     _mm512_permutexvar_ps(_mm512_srli_epi32(d, 16), thi)));
+      }
+    }
+    to_row_order(sums);
+    const float* sc = a.scales + (blk - a.blk0) * 2 * kTileRows;
+    for (int k = 0; k < 4; ++k) {
+      float* o = a.acc + 16 * k;
+      const __m512 as = _mm512_loadu_ps(sc + 16 * k), ap = _mm512_loadu_ps(sc + kTileRows + 16 * k);
+      _mm512_storeu_ps(o, _mm512_fmadd_ps(sums[k], as, _mm512_fmadd_ps(pos[k], ap, _mm512_loadu_ps(o))));
+    }
+  }
+}
+
+void decode_lookup1_idx(const NMTables& t, const uint8_t* blocks, const LookupArgs& a) {
+  if (t.n == 4) {
+    decode_lookup1_idx_n<true>(t, blocks, a);
+  } else {
+    decode_lookup1_idx_n<false>(t, blocks, a);
+  }
+}
+
 #pragma GCC push_options
 #pragma GCC target("avx512bf16")
 
@@ -268,17 +406,6 @@ void build_tables_bf16(const NMTables& t, const uint16_t* x, int64_t g0, int64_t
     _mm512_storeu_si512(tg + 256, halves);
     _mm512_storeu_si512(tg + 320, _mm512_shuffle_i64x2(halves, halves, 0x4E));
   }
-}
-
-// Lane order to row order: v[k] holds rows 16 L + 4 k + i at 4 L + i; afterwards v[q] holds rows 16 q + j at j (a
-// transpose of 4 x 4 blocks of 128 bits).
-static inline void to_row_order(__m512 v[4]) {
-  const __m512 t0 = _mm512_shuffle_f32x4(v[0], v[1], 0x44), t1 = _mm512_shuffle_f32x4(v[0], v[1], 0xEE);
-  const __m512 t2 = _mm512_shuffle_f32x4(v[2], v[3], 0x44), t3 = _mm512_shuffle_f32x4(v[2], v[3], 0xEE);
-  v[0] = _mm512_shuffle_f32x4(t0, t2, 0x88);
-  v[1] = _mm512_shuffle_f32x4(t0, t2, 0xDD);
-  v[2] = _mm512_shuffle_f32x4(t1, t3, 0x88);
-  v[3] = _mm512_shuffle_f32x4(t1, t3, 0xDD);
 }
 
 template <bool N4>

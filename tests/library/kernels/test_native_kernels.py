@@ -132,19 +132,21 @@ def test_a_child_forked_after_parallel_calls_runs_on_one_thread():
 @pytest.mark.parametrize("n", range(1, 8))
 @pytest.mark.parametrize("scale_block", [8, 64, 0])
 @pytest.mark.parametrize("x_kind", ["normal", "positive"])
-def test_bf16_batch1_tables(n, scale_block, x_kind):
-    # One row of bf16 activations on N:8 weights runs the kernel with bf16 tables on AVX-512 CPUs with bf16 dot
-    # products (the float32 tables elsewhere). 131 rows (a partial tile); K = 5600, whose tables take two chunks;
-    # scale blocks of one group, of 8 groups, or one per row; positive activations make the roundings of the
-    # table sums add up instead of cancelling.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batch1_kept_sums_by_idx(n, scale_block, x_kind, dtype):
+    # One row of activations on N:8 weights runs the AVX-512 kernels that read each group's kept sum by idx
+    # (bf16 tables for bf16 activations on CPUs with bf16 dot products, float32 tables otherwise; the nibble
+    # kernels on other ISAs). 131 rows (a partial tile); K = 5600, whose tables take two chunks; scale blocks of
+    # one group, of 8 groups, or one per row; positive activations make the roundings of the table sums add up
+    # instead of cancelling.
     k = 5600
     scale_block = scale_block or k
     for mu_kind, scale_dtype in (("small", torch.bfloat16), ("near+", torch.float32)):
         codes, alpha, mu = random_weight(131, k, n, 8, scale_block, scale_dtype, n, mu_kind)
         g = torch.Generator().manual_seed(n)
         x = torch.randn(1, k, generator=g)
-        x = (x.abs() if x_kind == "positive" else x).bfloat16()
-        bias = torch.randn(131, generator=g).bfloat16()
+        x = (x.abs() if x_kind == "positive" else x).to(dtype)
+        bias = torch.randn(131, generator=g).to(dtype)
         for isa in isas():
             with native.use_isa(isa):
                 y = torch.ops.pbs2p.bsp_linear(x, codes, alpha, mu, bias, n, 8, scale_block)
