@@ -27,25 +27,48 @@ static inline float activation(const void* x, bool x_bf16, int64_t i) {
   return v;
 }
 
+// What the table builders share: bit[j][i] = bit j of i (0.0 or 1.0), and for every idx byte (m = 8) the low and
+// high nibble of its kept set.
+struct SumConsts {
+  __m512 bit[4];
+  alignas(64) int32_t lo_of[128], hi_of[128];
+};
+
+static inline void sum_consts(const NMTables* t, SumConsts& c) {
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  for (int j = 0; j < 4; ++j) {
+    c.bit[j] = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(lane, j), _mm512_set1_epi32(1)));
+  }
+  if (t == nullptr) return;
+  for (int v = 0; v < 128; ++v) {
+    c.lo_of[v] = t->ts[v] & 15;
+    c.hi_of[v] = t->ts[v] >> 4;
+  }
+}
+
+// The 16 subset sums of activations xi .. xi + 3: sum_{bit j of i} x[xi + j] at i.
+static inline __m512 subset_sums(const SumConsts& c, const void* x, bool x_bf16, int64_t xi) {
+  __m512 v = _mm512_mul_ps(_mm512_set1_ps(activation(x, x_bf16, xi)), c.bit[0]);
+  for (int j = 1; j < 4; ++j) v = _mm512_fmadd_ps(_mm512_set1_ps(activation(x, x_bf16, xi + j)), c.bit[j], v);
+  return v;
+}
+
+// The kept sums of idx 16 q .. 16 q + 15 of a group of 8 whose halves' subset sums are v[0], v[1].
+static inline __m512 kept_sums(const SumConsts& c, const __m512 v[2], int q) {
+  return _mm512_add_ps(_mm512_permutexvar_ps(_mm512_load_si512(c.lo_of + 16 * q), v[0]),
+                       _mm512_permutexvar_ps(_mm512_load_si512(c.hi_of + 16 * q), v[1]));
+}
+
 void build_tables(const void* x, bool x_bf16, int64_t ldx, int64_t B, int m, int64_t g0, int64_t g1,
                   float* tables) {
   const int nib = m / 4;
-  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-  __m512 bit[4];
-  for (int j = 0; j < 4; ++j) {
-    bit[j] = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(lane, j), _mm512_set1_epi32(1)));
-  }
+  SumConsts c;
+  sum_consts(nullptr, c);
   for (int64_t g = g0; g < g1; ++g) {
     for (int64_t b = 0; b < B; ++b) {
       const int64_t xi = b * ldx + g * m;
       float* tb = tables + (g * B + b) * nib * 16;
-      for (int t = 0; t < nib; ++t) {
-        __m512 v = _mm512_mul_ps(_mm512_set1_ps(activation(x, x_bf16, xi + 4 * t)), bit[0]);
-        v = _mm512_fmadd_ps(_mm512_set1_ps(activation(x, x_bf16, xi + 4 * t + 1)), bit[1], v);
-        v = _mm512_fmadd_ps(_mm512_set1_ps(activation(x, x_bf16, xi + 4 * t + 2)), bit[2], v);
-        v = _mm512_fmadd_ps(_mm512_set1_ps(activation(x, x_bf16, xi + 4 * t + 3)), bit[3], v);
-        _mm512_storeu_ps(tb + 16 * t, v);
-      }
+      for (int t = 0; t < nib; ++t) _mm512_storeu_ps(tb + 16 * t, subset_sums(c, x, x_bf16, xi + 4 * t));
     }
   }
 }
@@ -229,34 +252,19 @@ void decode_lookup1(const NMTables& t, const uint8_t* blocks, const LookupArgs& 
 // vector in lane order (slot 16 k + 4 L + i holds row 16 L + 4 k + i), put back in row order per scale block.
 // Every sum is the one the other float32 kernels compute (the two half sums added in float32).
 void build_tables_idx(const NMTables& t, const void* x, bool x_bf16, int64_t g0, int64_t g1, float* tables) {
-  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   alignas(64) uint8_t planes[64];  // byte j of value i to 16 j + i
-  alignas(64) int32_t lo_of[128], hi_of[128];
   for (int i = 0; i < 16; ++i) {
     for (int j = 0; j < 4; ++j) planes[16 * j + i] = static_cast<uint8_t>(4 * i + j);
   }
-  for (int v = 0; v < 128; ++v) {
-    lo_of[v] = t.ts[v] & 15;
-    hi_of[v] = t.ts[v] >> 4;
-  }
   const __m512i ctl = _mm512_load_si512(planes);
-  __m512 bit[4];
-  for (int j = 0; j < 4; ++j) {
-    bit[j] = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(lane, j), _mm512_set1_epi32(1)));
-  }
+  SumConsts c;
+  sum_consts(&t, c);
   for (int64_t g = g0; g < g1; ++g) {
-    __m512 v[2];
-    for (int h = 0; h < 2; ++h) {
-      const int64_t xi = g * 8 + 4 * h;
-      v[h] = _mm512_mul_ps(_mm512_set1_ps(activation(x, x_bf16, xi)), bit[0]);
-      for (int j = 1; j < 4; ++j) v[h] = _mm512_fmadd_ps(_mm512_set1_ps(activation(x, x_bf16, xi + j)), bit[j], v[h]);
-    }
+    const __m512 v[2] = {subset_sums(c, x, x_bf16, g * 8), subset_sums(c, x, x_bf16, g * 8 + 4)};
     float* tg = tables + g * 160;
     __m512 b[8];  // kept sums of idx 16 q .. 16 q + 15 as [byte 0 x 16 | byte 1 x 16 | byte 2 x 16 | byte 3 x 16]
     for (int q = 0; q < 8; ++q) {
-      const __m512 sum = _mm512_add_ps(_mm512_permutexvar_ps(_mm512_load_si512(lo_of + 16 * q), v[0]),
-                                       _mm512_permutexvar_ps(_mm512_load_si512(hi_of + 16 * q), v[1]));
-      b[q] = _mm512_castsi512_ps(_mm512_permutexvar_epi8(ctl, _mm512_castps_si512(sum)));
+      b[q] = _mm512_castsi512_ps(_mm512_permutexvar_epi8(ctl, _mm512_castps_si512(kept_sums(c, v, q))));
     }
     for (int h = 0; h < 2; ++h) {  // plane j, idx 64 h .. 64 h + 63: chunk j of b[4 h .. 4 h + 3]
       __m512* q = b + 4 * h;
@@ -281,6 +289,15 @@ static inline void to_row_order(__m512 v[4]) {
   v[1] = _mm512_shuffle_f32x4(t0, t2, 0xDD);
   v[2] = _mm512_shuffle_f32x4(t1, t3, 0x88);
   v[3] = _mm512_shuffle_f32x4(t1, t3, 0xDD);
+}
+
+// acc[r] += (mu - alpha)[r] * sums[r] + 2 alpha[r] * pos[r] for the 64 rows of one scale block (all in row order;
+// sc = the block's [2][64] scales).
+static inline void add_scaled(const float* sc, const __m512 sums[4], const __m512 pos[4], float* acc) {
+  for (int k = 0; k < 4; ++k) {
+    const __m512 as = _mm512_loadu_ps(sc + 16 * k), ap = _mm512_loadu_ps(sc + kTileRows + 16 * k);
+    _mm512_storeu_ps(acc + 16 * k, _mm512_fmadd_ps(sums[k], as, _mm512_fmadd_ps(pos[k], ap, _mm512_loadu_ps(acc + 16 * k))));
+  }
 }
 
 // The index bytes of one block for the idx kernels: idx, and i1 / i2 (S_lo << 4 | low signs, S_hi << 4 | high
@@ -343,12 +360,7 @@ static void decode_lookup1_idx_n(const NMTables& t, const uint8_t* blocks, const
       }
     }
     to_row_order(sums);
-    const float* sc = a.scales + (blk - a.blk0) * 2 * kTileRows;
-    for (int k = 0; k < 4; ++k) {
-      float* o = a.acc + 16 * k;
-      const __m512 as = _mm512_loadu_ps(sc + 16 * k), ap = _mm512_loadu_ps(sc + kTileRows + 16 * k);
-      _mm512_storeu_ps(o, _mm512_fmadd_ps(sums[k], as, _mm512_fmadd_ps(pos[k], ap, _mm512_loadu_ps(o))));
-    }
+    add_scaled(a.scales + (blk - a.blk0) * 2 * kTileRows, sums, pos, a.acc);
   }
 }
 
@@ -364,39 +376,21 @@ void decode_lookup1_idx(const NMTables& t, const uint8_t* blocks, const LookupAr
 #pragma GCC target("avx512bf16")
 
 void build_tables_bf16(const NMTables& t, const uint16_t* x, int64_t g0, int64_t g1, uint8_t* tables) {
-  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   alignas(64) uint8_t split[64];  // bytes 2 i (low) to i, 2 i + 1 (high) to 32 + i
-  alignas(64) int32_t lo_of[128], hi_of[128];  // idx -> its kept columns' halves
   for (int i = 0; i < 32; ++i) {
     split[i] = static_cast<uint8_t>(2 * i);
     split[32 + i] = static_cast<uint8_t>(2 * i + 1);
   }
-  for (int v = 0; v < 128; ++v) {
-    lo_of[v] = t.ts[v] & 15;
-    hi_of[v] = t.ts[v] >> 4;
-  }
   const __m512i ctl = _mm512_load_si512(split);
-  __m512 bit[4];
-  for (int j = 0; j < 4; ++j) {
-    bit[j] = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(lane, j), _mm512_set1_epi32(1)));
-  }
+  SumConsts c;
+  sum_consts(&t, c);
   for (int64_t g = g0; g < g1; ++g) {
-    __m512 v[2];
-    for (int h = 0; h < 2; ++h) {
-      const int64_t xi = g * 8 + 4 * h;
-      v[h] = _mm512_mul_ps(_mm512_set1_ps(activation(x, true, xi)), bit[0]);
-      for (int j = 1; j < 4; ++j) v[h] = _mm512_fmadd_ps(_mm512_set1_ps(activation(x, true, xi + j)), bit[j], v[h]);
-    }
+    const __m512 v[2] = {subset_sums(c, x, true, g * 8), subset_sums(c, x, true, g * 8 + 4)};
     uint8_t* tg = tables + g * 384;
     __m512i b[4];  // kept sums of idx 32 q .. 32 q + 31: 32 low bytes, 32 high bytes
     for (int q = 0; q < 4; ++q) {
-      __m512 s[2];
-      for (int h = 0; h < 2; ++h) {
-        const int k = 32 * q + 16 * h;
-        s[h] = _mm512_add_ps(_mm512_permutexvar_ps(_mm512_load_si512(lo_of + k), v[0]),
-                             _mm512_permutexvar_ps(_mm512_load_si512(hi_of + k), v[1]));
-      }
-      b[q] = _mm512_permutexvar_epi8(ctl, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(s[1], s[0])));
+      const __m512bh words = _mm512_cvtne2ps_pbh(kept_sums(c, v, 2 * q + 1), kept_sums(c, v, 2 * q));
+      b[q] = _mm512_permutexvar_epi8(ctl, reinterpret_cast<__m512i>(words));
     }
     _mm512_storeu_si512(tg, _mm512_shuffle_i64x2(b[0], b[1], 0x44));
     _mm512_storeu_si512(tg + 64, _mm512_shuffle_i64x2(b[2], b[3], 0x44));
@@ -411,8 +405,8 @@ void build_tables_bf16(const NMTables& t, const uint16_t* x, int64_t g0, int64_t
 template <bool N4>
 static void decode_lookup1_bf16_n(const NMTables& t, const uint8_t* blocks, const LookupArgs& a) {
   const Dec c = load_dec(t);
-  const __m512i sl0 = _mm512_load_si512(t.ts_lo4), sl1 = _mm512_load_si512(t.ts_lo4 + 64);
-  const __m512i sh0 = _mm512_load_si512(t.ts_hi4), sh1 = _mm512_load_si512(t.ts_hi4 + 64);
+  const __m512i sl[2] = {_mm512_load_si512(t.ts_lo4), _mm512_load_si512(t.ts_lo4 + 64)};
+  const __m512i sh[2] = {_mm512_load_si512(t.ts_hi4), _mm512_load_si512(t.ts_hi4 + 64)};
   __m512i t2[4];
   for (int i = 0; i < 4; ++i) t2[i] = _mm512_load_si512(t.t2x + 64 * i);
   const __m512bh one = reinterpret_cast<__m512bh>(_mm512_set1_epi16(0x3F80));
@@ -428,22 +422,9 @@ static void decode_lookup1_bf16_n(const NMTables& t, const uint8_t* blocks, cons
     // positive sums in lane order
     __m512 e0 = _mm512_setzero_ps(), o0 = e0, e1 = e0, o1 = e0, p0 = e0, p1 = e0, p2 = e0, p3 = e0;
     for (; g < gend; ++g) {
-      const uint8_t* b = blocks + g * c.bb;
-      // 4:8: 56 idx bytes then 32 sign bytes, so plain loads stay inside the block
-      const __m512i ia = N4 ? _mm512_loadu_si512(b) : _mm512_maskz_loadu_epi8(c.lmi, b);
-      const __m512i sa = N4 ? _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + c.ib)))
-                            : _mm512_maskz_loadu_epi8(c.lms, b + c.ib);
-      const __m512i idx = _mm512_multishift_epi64_epi8(c.shi, _mm512_permutexvar_epi8(c.gi, ia));
-      const __m512i sq = _mm512_permutexvar_epi8(c.gs, sa);
-      // 0xE4: (a & c) | (b & ~c): high nibble from a (S_lo << 4 or S_hi << 4), low nibble from b (signs).
-      const __m512i i1 = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(sl0, idx, sl1),
-                                                   _mm512_multishift_epi64_epi8(c.shlo, sq), c.f0, 0xE4);
-      const __m512i i2 = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(sh0, idx, sh1),
-                                                   _mm512_multishift_epi64_epi8(c.shhi, sq), c.f0, 0xE4);
-      const __m512i Plo = _mm512_mask_blend_epi8(_mm512_movepi8_mask(i1), _mm512_permutex2var_epi8(c.t1[0], i1, c.t1[1]),
-                                                 _mm512_permutex2var_epi8(c.t1[2], i1, c.t1[3]));
-      const __m512i Phi = _mm512_mask_blend_epi8(_mm512_movepi8_mask(i2), _mm512_permutex2var_epi8(t2[0], i2, t2[1]),
-                                                 _mm512_permutex2var_epi8(t2[2], i2, t2[3]));
+      __m512i idx, i1, i2;
+      decode_idx<N4>(c, sl, sh, blocks + g * c.bb, idx, i1, i2);
+      const __m512i Plo = positive_half(i1, c.t1), Phi = positive_half(i2, t2);
       const uint8_t* tg = tables + g * stride;
       const __m512i lo = _mm512_permutex2var_epi8(_mm512_loadu_si512(tg), idx, _mm512_loadu_si512(tg + 64));
       const __m512i hi = _mm512_permutex2var_epi8(_mm512_loadu_si512(tg + 128), idx, _mm512_loadu_si512(tg + 192));
@@ -462,17 +443,12 @@ static void decode_lookup1_bf16_n(const NMTables& t, const uint8_t* blocks, cons
       halves(_mm512_unpacklo_epi8(Plo, Phi), p0, p1);
       halves(_mm512_unpackhi_epi8(Plo, Phi), p2, p3);
     }
-    const float* sc = a.scales + (blk - a.blk0) * 2 * kTileRows;
     __m512 sums[4] = {_mm512_unpacklo_ps(e0, o0), _mm512_unpackhi_ps(e0, o0), _mm512_unpacklo_ps(e1, o1),
                       _mm512_unpackhi_ps(e1, o1)};
     __m512 pos[4] = {p0, p1, p2, p3};
     to_row_order(sums);
     to_row_order(pos);
-    for (int k = 0; k < 4; ++k) {
-      float* o = a.acc + 16 * k;
-      const __m512 as = _mm512_loadu_ps(sc + 16 * k), ap = _mm512_loadu_ps(sc + kTileRows + 16 * k);
-      _mm512_storeu_ps(o, _mm512_fmadd_ps(sums[k], as, _mm512_fmadd_ps(pos[k], ap, _mm512_loadu_ps(o))));
-    }
+    add_scaled(a.scales + (blk - a.blk0) * 2 * kTileRows, sums, pos, a.acc);
   }
 }
 
