@@ -243,7 +243,6 @@ Batch1 batch1_kernel(const Problem& p, int64_t nb) {
   return p.x_bf16 && bf16_dot ? Batch1::kIdxBf16 : Batch1::kIdx;
 }
 
-int64_t batch1_table_floats(Batch1 k) { return k == Batch1::kIdxBf16 ? 96 : 160; }
 
 // Buffers of the calling thread (the other threads only read and write them during its call).
 Scratch<float>& caller_tables() {
@@ -261,10 +260,12 @@ void lut_pass(const Problem& p, const void* x, int64_t nb, T* y) {
   const NMTables& t = *p.t;
   const Batch1 b1 = batch1_kernel(p, nb);
   const int64_t K = p.K, G = p.G, nib = t.nib, max_nb = p.ops.max_nb;
-  const int64_t tf = b1 != Batch1::kNone ? batch1_table_floats(b1) : p.ops.table_floats(t.m);
+  const int64_t tf = b1 == Batch1::kIdxBf16 ? avx512::kIdxBf16TableFloats
+                     : b1 == Batch1::kIdx   ? avx512::kIdxTableFloats
+                                            : p.ops.table_floats(t.m);
   // Tables of each block of max_nb batch rows are contiguous, [b-block][g][row][tf], so one
   // lookup call walks them with a small stride (a stride of nb * 512 bytes thrashes L1 sets).
-  const int64_t bblocks = (nb + max_nb - 1) / max_nb, bblock_floats = G * (b1 != Batch1::kNone ? 1 : max_nb) * tf;
+  const int64_t bblocks = (nb + max_nb - 1) / max_nb, bblock_floats = G * std::min(max_nb, nb) * tf;
   float* tables = caller_tables().get(bblocks * bblock_floats);
   float* yacc = caller_accumulators().get(p.tiles * nb * kTileRows);
 
@@ -314,7 +315,7 @@ void lut_pass(const Problem& p, const void* x, int64_t nb, T* y) {
         a.scales = sbuf;
         a.blk0 = blk_a;
         a.gpb = p.gpb;
-        // Measured: fusing decode and lookup pays for m = 4 (short decode), not for m = 8 (registers).
+        // Measured: fusing decode and lookup pays for m = 4 (short decode); m = 8 takes the idx kernels.
         const bool fused = nb == 1 && p.isa == kAvx512 && t.m == 4;
         for (int64_t g = c0; g < c1; g += kGroupsPerDecode) {
           const uint8_t* blocks = p.codes + (tile * G + g) * t.block_bytes;

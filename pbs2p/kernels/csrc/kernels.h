@@ -34,7 +34,7 @@ struct NMTables {
   alignas(64) uint8_t ts[128];          // m = 8: idx -> S
   alignas(64) uint8_t t1[256];          // m = 8: S_lo << 4 | s_lo -> P_lo
   alignas(64) uint8_t t2[256];          // m = 8: S_hi << 4 | s_hi -> P_hi << 4
-  alignas(64) uint8_t t2x[256];         // m = 8: S_hi << 4 | s_hi -> 16 + P_hi (the bf16-table kernel's index)
+  alignas(64) uint8_t t2x[256];         // m = 8: S_hi << 4 | s_hi -> 16 + P_hi (the idx kernels)
   alignas(64) uint8_t ts_lo4[128];      // m = 8: idx -> S_lo << 4
   alignas(64) uint8_t ts_hi4[128];      // m = 8: idx -> S_hi << 4
   alignas(64) uint8_t js[64];           // m = 4: joint code -> S
@@ -122,13 +122,14 @@ PBS2P_DECLARE_ISA(avx512)
 #undef PBS2P_DECLARE_ISA
 
 namespace avx512 {
-// decode + lookup for one batch row (m = 4, 8), without the D buffer.
+// decode + lookup for one batch row (m = 4), without the D buffer.
 void decode_lookup1(const NMTables& t, const uint8_t* blocks, const LookupArgs& a);
-// One batch row, m = 8, float32 tables: 640 bytes per group (160 floats of `tables`; see kernels_avx512.cpp).
+// Floats of `tables` per group of the idx kernels below (see kernels_avx512.cpp): 640 and 384 bytes.
+constexpr int kIdxTableFloats = 160, kIdxBf16TableFloats = 96;
+// One batch row, m = 8, float32 tables.
 void build_tables_idx(const NMTables& t, const void* x, bool x_bf16, int64_t g0, int64_t g1, float* tables);
 void decode_lookup1_idx(const NMTables& t, const uint8_t* blocks, const LookupArgs& a);
-// One batch row of bfloat16 activations, m = 8, on CPUs with AVX512_BF16: tables of 384 bytes per group
-// (96 floats of `tables`; see kernels_avx512.cpp).
+// One batch row of bfloat16 activations, m = 8, on CPUs with AVX512_BF16: bf16 tables.
 void build_tables_bf16(const NMTables& t, const uint16_t* x, int64_t g0, int64_t g1, uint8_t* tables);
 void decode_lookup1_bf16(const NMTables& t, const uint8_t* blocks, const LookupArgs& a);
 }

@@ -196,7 +196,7 @@ static void lookup_nb(const LookupArgs& a) {
   }
 }
 
-// Batch 1: decode and look up without storing D (m = 4, 8; the driver uses it for m = 4).
+// Batch 1: decode and look up without storing D (m = 4 and 8; the driver calls it for m = 4, m = 8 takes the idx kernels).
 template <int M>
 static void decode_lookup1_m(const NMTables& t, const uint8_t* blocks, const LookupArgs& a) {
   const Dec c = load_dec(t);
@@ -225,26 +225,8 @@ static void decode_lookup1_m(const NMTables& t, const uint8_t* blocks, const Loo
   }
 }
 
-void decode_lookup1(const NMTables& t, const uint8_t* blocks, const LookupArgs& a) {
-  if (t.m == 8) {
-    decode_lookup1_m<8>(t, blocks, a);
-  } else {
-    decode_lookup1_m<4>(t, blocks, a);
-  }
-}
+void decode_lookup1(const NMTables& t, const uint8_t* blocks, const LookupArgs& a) { decode_lookup1_m<4>(t, blocks, a); }
 
-// Batch 1, bfloat16 activations, m = 8 (CPUs with AVX512_BF16): tables of bf16 values, looked up a byte at a time,
-// summed by vdpbf16ps. Per group of 8 activations (384 bytes, see build_tables_bf16):
-//   * the kept sum of every idx: bf16(sum over the kept columns of idx), 128 entries (idx has up to 7 bits) as a
-//     plane of low bytes and a plane of high bytes, each read by one vpermi2b with idx itself;
-//   * the 32 subset sums of the two halves, [t][i] = bf16(sum_{bit j of i} x[8 g + 4 t + j]), for the positive
-//     sum: their low bytes then their high bytes, and again with the halves swapped, so that vpermb with the
-//     same index reads the low byte from the first 64 bytes and the high byte from the second.
-// Every value is a float32 sum rounded once. Decode gives, per row, idx and the two index bytes of P (its low
-// nibble, 16 + its high nibble); unpacking the two planes (or the P pair) byte by byte makes bf16 words (pairs of
-// words for P), and vdpbf16ps times (1, 0) / (0, 1) (times (1, 1) for P's two halves) adds them to float32 sums.
-// The unpacks leave rows in two interleaved orders; each scale block's sums are put back in row order before its
-// scales apply. About 45 vector instructions per group of 64 rows against about 100 for the float32 tables.
 // Batch 1, float32 tables, m = 8: each group's kept sum read by idx. Per group (640 bytes, see build_tables_idx):
 // the kept sum of every idx (128 float32 values, idx has up to 7 bits) as four planes of 128 bytes, byte j of every
 // value in plane j, each read by one vpermi2b with idx; then the 16 subset sums of each half for the positive sum,
@@ -261,7 +243,7 @@ void build_tables_idx(const NMTables& t, const void* x, bool x_bf16, int64_t g0,
   sum_consts(&t, c);
   for (int64_t g = g0; g < g1; ++g) {
     const __m512 v[2] = {subset_sums(c, x, x_bf16, g * 8), subset_sums(c, x, x_bf16, g * 8 + 4)};
-    float* tg = tables + g * 160;
+    float* tg = tables + g * kIdxTableFloats;
     __m512 b[8];  // kept sums of idx 16 q .. 16 q + 15 as [byte 0 x 16 | byte 1 x 16 | byte 2 x 16 | byte 3 x 16]
     for (int q = 0; q < 8; ++q) {
       b[q] = _mm512_castsi512_ps(_mm512_permutexvar_epi8(ctl, _mm512_castps_si512(kept_sums(c, v, q))));
@@ -300,11 +282,33 @@ static inline void add_scaled(const float* sc, const __m512 sums[4], const __m51
   }
 }
 
-// The index bytes of one block for the idx kernels: idx, and i1 / i2 (S_lo << 4 | low signs, S_hi << 4 | high
-// signs) for the positive halves.
+// Decode constants of the idx kernels: the shared ones, idx -> S_lo << 4 / S_hi << 4, and t2x.
+struct IdxDec {
+  Dec c;
+  __m512i sl[2], sh[2], t2[4];
+};
+
+static inline IdxDec load_idx_dec(const NMTables& t) {
+  IdxDec d;
+  d.c = load_dec(t);
+  for (int h = 0; h < 2; ++h) {
+    d.sl[h] = _mm512_load_si512(t.ts_lo4 + 64 * h);
+    d.sh[h] = _mm512_load_si512(t.ts_hi4 + 64 * h);
+  }
+  for (int i = 0; i < 4; ++i) d.t2[i] = _mm512_load_si512(t.t2x + 64 * i);
+  return d;
+}
+
+// P's low nibble (from t1) or a byte whose low nibble is P's high nibble (from t2x), one byte per row.
+static inline __m512i positive_half(__m512i i, const __m512i t[4]) {
+  return _mm512_mask_blend_epi8(_mm512_movepi8_mask(i), _mm512_permutex2var_epi8(t[0], i, t[1]),
+                                _mm512_permutex2var_epi8(t[2], i, t[3]));
+}
+
+// One block for the idx kernels: idx, P's low nibble (plo) and 16 + P's high nibble (phi), one byte per row.
 template <bool N4>
-static inline void decode_idx(const Dec& c, const __m512i sl[2], const __m512i sh[2], const uint8_t* b, __m512i& idx,
-                              __m512i& i1, __m512i& i2) {
+static inline void decode_idx(const IdxDec& d, const uint8_t* b, __m512i& idx, __m512i& plo, __m512i& phi) {
+  const Dec& c = d.c;
   // 4:8: 56 idx bytes then 32 sign bytes, so plain loads stay inside the block
   const __m512i ia = N4 ? _mm512_loadu_si512(b) : _mm512_maskz_loadu_epi8(c.lmi, b);
   const __m512i sa = N4 ? _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + c.ib)))
@@ -312,25 +316,18 @@ static inline void decode_idx(const Dec& c, const __m512i sl[2], const __m512i s
   idx = _mm512_multishift_epi64_epi8(c.shi, _mm512_permutexvar_epi8(c.gi, ia));
   const __m512i sq = _mm512_permutexvar_epi8(c.gs, sa);
   // 0xE4: (a & c) | (b & ~c): high nibble from a (S_lo << 4 or S_hi << 4), low nibble from b (signs).
-  i1 = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(sl[0], idx, sl[1]), _mm512_multishift_epi64_epi8(c.shlo, sq),
-                                 c.f0, 0xE4);
-  i2 = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(sh[0], idx, sh[1]), _mm512_multishift_epi64_epi8(c.shhi, sq),
-                                 c.f0, 0xE4);
-}
-
-// P's low nibble (from t1) or a byte whose low nibble is P's high nibble (from t), one byte per row.
-static inline __m512i positive_half(__m512i i, const __m512i t[4]) {
-  return _mm512_mask_blend_epi8(_mm512_movepi8_mask(i), _mm512_permutex2var_epi8(t[0], i, t[1]),
-                                _mm512_permutex2var_epi8(t[2], i, t[3]));
+  const __m512i i1 = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(d.sl[0], idx, d.sl[1]),
+                                               _mm512_multishift_epi64_epi8(c.shlo, sq), c.f0, 0xE4);
+  const __m512i i2 = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(d.sh[0], idx, d.sh[1]),
+                                               _mm512_multishift_epi64_epi8(c.shhi, sq), c.f0, 0xE4);
+  plo = positive_half(i1, c.t1);
+  phi = positive_half(i2, d.t2);
 }
 
 template <bool N4>
 static void decode_lookup1_idx_n(const NMTables& t, const uint8_t* blocks, const LookupArgs& a) {
-  const Dec c = load_dec(t);
-  const __m512i sl[2] = {_mm512_load_si512(t.ts_lo4), _mm512_load_si512(t.ts_lo4 + 64)};
-  const __m512i sh[2] = {_mm512_load_si512(t.ts_hi4), _mm512_load_si512(t.ts_hi4 + 64)};
-  __m512i t2[4];
-  for (int i = 0; i < 4; ++i) t2[i] = _mm512_load_si512(t.t2x + 64 * i);
+  const IdxDec d = load_idx_dec(t);
+  const Dec& c = d.c;
   for (int64_t g = 0; g < a.ng;) {
     const int64_t blk = (a.g_abs + g) / a.gpb;
     int64_t gend = (blk + 1) * a.gpb - a.g_abs;
@@ -338,9 +335,8 @@ static void decode_lookup1_idx_n(const NMTables& t, const uint8_t* blocks, const
     __m512 sums[4], pos[4];  // kept sums in lane order, positive sums in row order
     for (int k = 0; k < 4; ++k) sums[k] = pos[k] = _mm512_setzero_ps();
     for (; g < gend; ++g) {
-      __m512i idx, i1, i2;
-      decode_idx<N4>(c, sl, sh, blocks + g * c.bb, idx, i1, i2);
-      const __m512i plo = positive_half(i1, c.t1), phi = positive_half(i2, t2);
+      __m512i idx, plo, phi;
+      decode_idx<N4>(d, blocks + g * c.bb, idx, plo, phi);
       const float* tg = a.tables + g * a.table_stride;
       __m512i bytes[4];
       for (int j = 0; j < 4; ++j) {
@@ -372,6 +368,18 @@ void decode_lookup1_idx(const NMTables& t, const uint8_t* blocks, const LookupAr
   }
 }
 
+// Batch 1, bfloat16 activations, m = 8 (CPUs with AVX512_BF16): tables of bf16 values, looked up a byte at a time,
+// summed by vdpbf16ps. Per group of 8 activations (384 bytes, see build_tables_bf16):
+//   * the kept sum of every idx: bf16(sum over the kept columns of idx), 128 entries (idx has up to 7 bits) as a
+//     plane of low bytes and a plane of high bytes, each read by one vpermi2b with idx itself;
+//   * the 32 subset sums of the two halves, [t][i] = bf16(sum_{bit j of i} x[8 g + 4 t + j]), for the positive
+//     sum: their low bytes then their high bytes, and again with the halves swapped, so that vpermb with the
+//     same index reads the low byte from the first 64 bytes and the high byte from the second.
+// Every value is a float32 sum rounded once. Decode gives, per row, idx and the two index bytes of P (its low
+// nibble, 16 + its high nibble); unpacking the two planes (or the P pair) byte by byte makes bf16 words (pairs of
+// words for P), and vdpbf16ps times (1, 0) / (0, 1) (times (1, 1) for P's two halves) adds them to float32 sums.
+// The unpacks leave rows in two interleaved orders; each scale block's sums are put back in row order before its
+// scales apply. About 45 vector instructions per group of 64 rows against about 100 for the float32 tables.
 #pragma GCC push_options
 #pragma GCC target("avx512bf16")
 
@@ -386,7 +394,7 @@ void build_tables_bf16(const NMTables& t, const uint16_t* x, int64_t g0, int64_t
   sum_consts(&t, c);
   for (int64_t g = g0; g < g1; ++g) {
     const __m512 v[2] = {subset_sums(c, x, true, g * 8), subset_sums(c, x, true, g * 8 + 4)};
-    uint8_t* tg = tables + g * 384;
+    uint8_t* tg = tables + g * kIdxBf16TableFloats * 4;
     __m512i b[4];  // kept sums of idx 32 q .. 32 q + 31: 32 low bytes, 32 high bytes
     for (int q = 0; q < 4; ++q) {
       const __m512bh words = _mm512_cvtne2ps_pbh(kept_sums(c, v, 2 * q + 1), kept_sums(c, v, 2 * q));
@@ -404,11 +412,8 @@ void build_tables_bf16(const NMTables& t, const uint16_t* x, int64_t g0, int64_t
 
 template <bool N4>
 static void decode_lookup1_bf16_n(const NMTables& t, const uint8_t* blocks, const LookupArgs& a) {
-  const Dec c = load_dec(t);
-  const __m512i sl[2] = {_mm512_load_si512(t.ts_lo4), _mm512_load_si512(t.ts_lo4 + 64)};
-  const __m512i sh[2] = {_mm512_load_si512(t.ts_hi4), _mm512_load_si512(t.ts_hi4 + 64)};
-  __m512i t2[4];
-  for (int i = 0; i < 4; ++i) t2[i] = _mm512_load_si512(t.t2x + 64 * i);
+  const IdxDec d = load_idx_dec(t);
+  const Dec& c = d.c;
   const __m512bh one = reinterpret_cast<__m512bh>(_mm512_set1_epi16(0x3F80));
   const __m512bh even = reinterpret_cast<__m512bh>(_mm512_set1_epi32(0x3F80));
   const __m512bh odd = reinterpret_cast<__m512bh>(_mm512_set1_epi32(0x3F800000));
@@ -422,9 +427,8 @@ static void decode_lookup1_bf16_n(const NMTables& t, const uint8_t* blocks, cons
     // positive sums in lane order
     __m512 e0 = _mm512_setzero_ps(), o0 = e0, e1 = e0, o1 = e0, p0 = e0, p1 = e0, p2 = e0, p3 = e0;
     for (; g < gend; ++g) {
-      __m512i idx, i1, i2;
-      decode_idx<N4>(c, sl, sh, blocks + g * c.bb, idx, i1, i2);
-      const __m512i Plo = positive_half(i1, c.t1), Phi = positive_half(i2, t2);
+      __m512i idx, Plo, Phi;
+      decode_idx<N4>(d, blocks + g * c.bb, idx, Plo, Phi);
       const uint8_t* tg = tables + g * stride;
       const __m512i lo = _mm512_permutex2var_epi8(_mm512_loadu_si512(tg), idx, _mm512_loadu_si512(tg + 64));
       const __m512i hi = _mm512_permutex2var_epi8(_mm512_loadu_si512(tg + 128), idx, _mm512_loadu_si512(tg + 192));
