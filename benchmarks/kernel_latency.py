@@ -4,7 +4,8 @@ Run ``python benchmarks/kernel_latency.py`` (about 5 minutes on 2 cores). For ev
 (out x in), batch size and activation dtype it times, in one process and alternating call by call,
 dense ``F.linear``, ``pbs2p.kernels.ops.bsp_linear`` on 4:8 and 2:4 packed weights (random masks and
 signs, packed with ``pbs2p.kernels.packing.pack``) and torchao's ``Int8WeightOnlyConfig``; it prints a
-markdown table of medians [min-max] and speedups over dense in the same dtype, and writes
+markdown table of medians [min-max], speedups over dense in the same dtype and the path each packed product
+took (``pbs2p.kernels.ops.native_path``), and writes
 ``kernel_latency.{json,md,png}`` into ``benchmarks/results/kernels/``.
 """
 
@@ -102,6 +103,7 @@ def run(shapes: list[tuple[int, int]], batches: list[int], budget_s: float, max_
                 with torch.inference_mode():
                     samples = time_alternating(fns, budget_s, max_reps)
                 dense = statistics.median(samples["dense"])
+                paths = {name: ops.native_path(dtype, batch, n, m, k, k) for name, (_, n, m) in packed.items()}
                 for name, s in samples.items():
                     med = statistics.median(s)
                     rows.append(
@@ -116,6 +118,7 @@ def run(shapes: list[tuple[int, int]], batches: list[int], budget_s: float, max_
                             "max_ms": max(s) * 1e3,
                             "speedup_vs_dense": dense / med,
                             "samples": len(s),
+                            "path": paths.get(name),
                         }
                     )
                 print(
@@ -133,7 +136,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"{meta['date']} (load average {meta['load_before']} before, {meta['load_after']} after).",
         "",
         "Median ms per call [min-max]; (x) = speedup over dense F.linear in the same dtype, measured "
-        "alternating in one process.",
+        "alternating in one process; then the packed product's path (`pbs2p.kernels.ops.native_path`): tables "
+        "(lookup tables), pairs (bf16 dot products on the kept weights), blas (W_hat expanded, then the BLAS).",
         "",
         "| out x in | batch | act | " + " | ".join(methods) + " |",
         "|---|---:|---|" + "---:|" * len(methods),
@@ -146,6 +150,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
             cell = f"{r['median_ms']:.3f} [{r['min_ms']:.3f}-{r['max_ms']:.3f}]"
             if method != "dense":
                 cell += f" ({r['speedup_vs_dense']:.2f}x)"
+            if r.get("path"):
+                cell += f" {r['path']}"
             cells.append(cell)
         lines.append(f"| {key[0]}x{key[1]} | {key[2]} | {key[3]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -49,8 +49,9 @@ SOURCES = (
     "kernels_avx512.cpp",
     "sweep.cpp",
     "int8_rows.cpp",
+    "pair_kernels.cpp",
 )
-HEADERS = ("kernels.h", "parallel_items.h")
+HEADERS = ("kernels.h", "decode_avx512.h", "parallel_items.h")
 CFLAGS = ("-O3", "-fno-math-errno", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
 #: Version of the cache layout (the verified library and its record); part of the build key.

@@ -19,11 +19,18 @@ The environment variable ``PBS2P_KERNEL`` selects the backend:
 * ``avx512``, ``avx2``, ``scalar``: the native operator with that ISA; raises if unavailable;
 * ``torch``: always the torch path.
 
-From a batch of rows that depends on the ISA and the activations' dtype (:func:`blas_min_batch`), the
-native operator expands ``W_hat`` to the activations' dtype (rounded as the torch path rounds it) and
-calls the BLAS; below it the lookup-table kernels run. float32: from 32 rows with the AVX2 and scalar
-kernels, never with the AVX-512 ones (their tables are faster); bfloat16: from 48 rows on AVX-512 CPUs
-with bf16 dot products, never elsewhere. ``PBS2P_BLAS_MIN_BATCH`` (tuning, tests) overrides both.
+The native operator has three paths (:func:`native_path` says which one a call takes):
+
+* the lookup-table kernels (``"tables"``), below the batches that follow;
+* the pair kernels (``"pairs"``): bfloat16 activations from :func:`pair_min_batch` rows (6) on AVX-512 CPUs with
+  bf16 dot products, for patterns that keep at most 4 of every 8 columns (N:8 with N <= 4, N:4 with N <= 2) and
+  scale blocks of whole 8-column units: bf16 dot products on the kept weights only;
+* expand + BLAS (``"blas"``): from :func:`blas_min_batch` rows the operator expands ``W_hat`` to the activations'
+  dtype (rounded as the torch path rounds it) and calls the BLAS. float32: from 32 rows with the AVX2 and scalar
+  kernels, never with the AVX-512 ones (their tables are faster); bfloat16: from 48 rows on AVX-512 CPUs with
+  bf16 dot products where the pair kernels do not apply, never elsewhere.
+
+``PBS2P_PAIR_MIN_BATCH`` and ``PBS2P_BLAS_MIN_BATCH`` (tuning, tests) override the two batches.
 """
 
 from __future__ import annotations
@@ -39,8 +46,8 @@ from .reference import reference_linear
 
 ENV_VAR = "PBS2P_KERNEL"
 
-#: Accuracy contract of :func:`bsp_linear`, on every path (each native ISA, the bf16 BLAS path, the torch
-#: path), per activation dtype, against ``y_exact``, the product computed in float64 from the stored
+#: Accuracy contract of :func:`bsp_linear`, on every path (each native ISA, the pair kernels, the bf16 BLAS path,
+#: the torch path), per activation dtype, against ``y_exact``, the product computed in float64 from the stored
 #: values (``W_hat`` from the packed codes, ``alpha`` and ``mu``; see :func:`~.reference.exact_linear`)::
 #:
 #:     |y - y_exact| <= TOLERANCE[x.dtype] * (|x| @ (kept * (|alpha| + |mu|)).T + |bias|)   element-wise
@@ -48,14 +55,14 @@ ENV_VAR = "PBS2P_KERNEL"
 #: The scale on the right (:func:`~.reference.error_scale`) is what a kept weight ``alpha * sign + mu``
 #: contributes before the two terms cancel, so the bound holds when ``|mu|`` is close to ``alpha`` (the
 #: native path computes ``alpha * (sum of signed x) + mu * (sum of kept x)`` per scale block).
-#: float32: sums in fp32 in different orders (observed: below 1e-7 of the scale, K up to 8192).
-#: bfloat16 (unit roundoff u = 2^-8): the output is rounded to bf16 once, and ``W_hat`` once on the torch
-#: path (computed in fp32 first); the native BLAS path (bf16 prefill) rounds ``alpha`` and ``mu`` to bf16
-#: before adding them when they are stored in another dtype: three roundings, 3u. The native batch-1 kernel with
-#: bf16 tables (N:8 on AVX-512 CPUs with bf16 dot products) rounds each group's kept sum and the two half sums of
-#: its positive weights to bf16: an error of at most ``u * (|mu - alpha| * sum_kept |x| + 2 |alpha| * sum_pos |x|)``,
-#: at most 3u of the scale, plus the output's rounding: 4u = 1.56e-2 at worst.
-#: float16 and float64 activations run the torch path (``W_hat`` computed in float32 or float64).
+#: float32: sums in fp32 in different orders (observed: below 1e-7 of the scale, K up to 8192). bfloat16 (unit
+#: roundoff u = 2^-8): the output is rounded to bf16 once, and ``W_hat`` once on the torch path (computed in fp32
+#: first); the native BLAS path and the pair kernels (bf16 prefill) round ``alpha`` and ``mu`` to bf16 before adding
+#: them when they are stored in another dtype: three roundings, 3u. The native batch-1 kernel with bf16 tables (N:8
+#: on AVX-512 CPUs with bf16 dot products) rounds each group's kept sum and the two half sums of its positive
+#: weights to bf16: an error of at most ``u * (|mu - alpha| * sum_kept |x| + 2 |alpha| * sum_pos |x|)``, at most 3u
+#: of the scale, plus the output's rounding: 4u = 1.56e-2 at worst. float16 and float64 activations run the torch
+#: path (``W_hat`` computed in float32 or float64).
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 1e-2, torch.float64: 1e-12}
 CHOICES = ("auto", "native", "torch", "avx512", "avx2", "scalar")
 
@@ -98,6 +105,37 @@ def blas_min_batch(dtype: torch.dtype) -> int | None:
         return None
     rows = torch.ops.pbs2p._blas_min_batch(dtype == torch.bfloat16)
     return None if rows >= 2**62 else rows
+
+
+def pair_min_batch() -> int | None:
+    """Rows from which bfloat16 activations take the pair kernels where they apply (see :func:`native_path`);
+    ``None`` if this CPU and ISA never run them (or the native operator does not run).
+
+    >>> rows = pair_min_batch()
+    >>> rows is None or rows >= 1
+    True
+    """
+    if not kernel_backend().startswith("native"):
+        return None
+    rows = torch.ops.pbs2p._pair_min_batch()
+    return None if rows >= 2**62 else rows
+
+
+def native_path(dtype: torch.dtype, batch: int, n: int, m: int, in_features: int, scale_block: int) -> str:
+    """The path :func:`bsp_linear` takes for ``batch`` rows of ``dtype`` activations on an N:M weight of
+    ``in_features`` columns and scale blocks of ``scale_block`` columns: ``"tables"`` (lookup tables), ``"pairs"``
+    (pair kernels), ``"blas"`` (expand + BLAS) or ``"torch"`` (the torch path).
+
+    >>> native_path(torch.float16, 1, 4, 8, 4096, 4096)  # float16 activations run the torch path
+    'torch'
+    >>> native_path(torch.float32, 1, 4, 8, 4096, 4096) in ("tables", "torch")
+    True
+    """
+    if dtype not in (torch.float32, torch.bfloat16) or not kernel_backend().startswith("native"):
+        return "torch"
+    if scale_block < in_features and scale_block % m:
+        return "torch"
+    return torch.ops.pbs2p._native_path(dtype == torch.bfloat16, batch, n, m, in_features, scale_block)
 
 
 def native_unsupported(

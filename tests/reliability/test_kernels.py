@@ -38,18 +38,25 @@ def weight(out: int, k: int, n: int, m: int, scale_block: int, mu_kind: str, see
 
 
 def every_path(x, codes, alpha, mu, bias, n, m, scale_block, monkeypatch) -> dict[str, torch.Tensor]:
-    """``ops.bsp_linear`` on the torch path, each native ISA, and the BLAS path (float32: every ISA; bf16: AVX-512)."""
+    """``ops.bsp_linear`` on the torch path, each native ISA, the BLAS path (float32: every ISA; bf16: AVX-512) and
+    the pair kernels (bf16, where they apply)."""
     out = {}
     monkeypatch.setenv("PBS2P_KERNEL", "torch")
     out["torch"] = ops.bsp_linear(x, codes, alpha, mu, bias, n, m, scale_block)
     monkeypatch.setenv("PBS2P_KERNEL", "native")
+    k, batch = x.shape[-1], x.numel() // x.shape[-1]
     for isa in native_isas():
         with native.use_isa(isa):
             out[isa] = ops.bsp_linear(x, codes, alpha, mu, bias, n, m, scale_block)
+            monkeypatch.setenv("PBS2P_PAIR_MIN_BATCH", "1")
+            if ops.native_path(x.dtype, batch, n, m, k, scale_block) == "pairs":
+                out[f"{isa}-pairs"] = ops.bsp_linear(x, codes, alpha, mu, bias, n, m, scale_block)
+            monkeypatch.setenv("PBS2P_PAIR_MIN_BATCH", str(2**62))
             if isa == "avx512" or x.dtype == torch.float32:
                 monkeypatch.setenv("PBS2P_BLAS_MIN_BATCH", "1")
                 out[f"{isa}-blas"] = ops.bsp_linear(x, codes, alpha, mu, bias, n, m, scale_block)
                 monkeypatch.delenv("PBS2P_BLAS_MIN_BATCH")
+            monkeypatch.delenv("PBS2P_PAIR_MIN_BATCH")
     monkeypatch.delenv("PBS2P_KERNEL")
     return out
 

@@ -12,9 +12,12 @@
 //
 // A tile's outputs accumulate in fp32 across chunks and are written (+ bias, cast) at the end.
 //
+// Pair path (bfloat16 activations from pair_min_batch rows on AVX-512 CPUs with bf16 dot products, patterns that
+// keep at most 4 of every 8 columns): bf16 dot products on the kept weights only, see pair_kernels.cpp.
+//
 // BLAS path (float32 activations from blas_min_batch rows on every ISA; bfloat16 ones from theirs on
-// AVX-512 with bf16 dot products): expand W_hat to the activations' dtype 64 MB at a time, exactly as
-// the torch path rounds it, and call at::linear.
+// AVX-512 with bf16 dot products where the pair path does not apply): expand W_hat to the activations' dtype 64 MB
+// at a time, exactly as the torch path rounds it, and call at::linear.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -449,6 +452,108 @@ void blas_pass(const Problem& p, const at::Tensor& x2d, const at::Tensor& bias, 
   }
 }
 
+// Prefill with bf16 activations through the pair kernels (see pair_kernels.cpp). For each block of up to 128 batch
+// rows: spread the activations once (4 x 64 bytes per 8 columns and row, shared by every item), then each item, a
+// few row tiles (up to 8, and at least 4 items per thread so that small weights spread evenly: 9 tiles in items of
+// 8 ran 576 x 1536 at 0.62x dense bf16 on 2 threads), goes through the columns 32 units (256 columns) at a time: per
+// tile it lays the kept weights out in pairs (32 KB, stays in L1) and runs every batch row of the block through
+// them. A tile's sums stay in float32 until the end. Spreading the activations in each item instead cost 36 % of
+// the dot products' time at 576 x 576, batch 128.
+constexpr int64_t kPairUnitsPerChunk = 32, kPairTilesPerItem = 8, kPairBatch = 128;
+// Below about 20 us of work (4 M multiply-adds) a product of the pair kernels stays on the calling thread.
+constexpr int64_t kPairParallelWork = 1 << 22;
+
+Scratch<uint16_t>& caller_pair_activations() {
+  static thread_local Scratch<uint16_t> s;
+  return s;
+}
+
+// Batch from which bf16 activations take the pair kernels where they apply (pair_kernels_apply); PBS2P_PAIR_MIN_BATCH
+// overrides it (tests, tuning). Measured on Zen 5, 2 threads, calls alternating in one process: against the lookup
+// tables 0.73-0.88x at 2 rows, 0.84-1.10x at 4, 1.14-1.27x at 6, 1.27-1.36x at 8 (4096 x 4096, 1536 x 576,
+// 576 x 1536, 4:8).
+int64_t pair_min_batch() {
+  if (const char* env = std::getenv("PBS2P_PAIR_MIN_BATCH")) return std::atoll(env);
+  return 6;
+}
+
+bool pair_kernels_run(int isa) {
+  static const bool bf16_dot = __builtin_cpu_supports("avx512bf16");
+  return isa == kAvx512 && bf16_dot;
+}
+
+int64_t current_pair_min_batch() { return pair_kernels_run(current_isa().load()) ? pair_min_batch() : INT64_MAX; }
+
+// Whether the pair kernels can run this product: the AVX-512 kernels on a CPU with bf16 dot products, at most 4 kept
+// weights per 8 columns, each 8 columns in one scale block.
+bool pair_kernels_apply(const Problem& p) {
+  const NMTables& t = *p.t;
+  return pair_kernels_run(p.isa) && t.m <= 8 && t.n * 8 / t.m <= 4 && p.K % 8 == 0 && p.gpb * t.m % 8 == 0;
+}
+
+enum class Path { kTables, kPairs, kBlas };
+
+Path choose_path(const Problem& p, bool bf16, int64_t B) {
+  if (bf16 && B >= pair_min_batch() && pair_kernels_apply(p)) return Path::kPairs;
+  return B >= blas_min_batch(p.isa, bf16) ? Path::kBlas : Path::kTables;
+}
+
+void pair_pass(const Problem& p, const uint16_t* x, int64_t B, uint16_t* y) {
+  const NMTables& t = *p.t;
+  const int64_t units = p.K / 8, gpu = 8 / t.m, wfloats = p.n_blocks * 2 * kTileRows;
+  const int threads = p.out * p.K * B >= kPairParallelWork && !at::in_parallel_region() ? at::get_num_threads() : 1;
+  const int64_t per_item = std::clamp<int64_t>(p.tiles / (4 * threads), 1, kPairTilesPerItem);
+  const int64_t items = (p.tiles + per_item - 1) / per_item;
+  uint16_t* xe = caller_pair_activations().get(std::min(B, kPairBatch) * units * 32);
+  for (int64_t b0 = 0; b0 < B; b0 += kPairBatch) {
+    const int64_t nb = std::min(kPairBatch, B - b0), rows_per_item = (nb + 2 * threads - 1) / (2 * threads);
+    parallel_items((nb + rows_per_item - 1) / rows_per_item, threads, [&](int64_t i) {
+      const int64_t r0 = i * rows_per_item, r1 = std::min(nb, r0 + rows_per_item);
+      avx512::pair_activations(x + (b0 + r0) * p.K, p.K, r1 - r0, units, xe + r0 * units * 32);
+    });
+    parallel_items(items, threads, [&](int64_t item) {
+      static thread_local Scratch<uint16_t> wscratch;
+      static thread_local Scratch<uint8_t> pscratch;
+      static thread_local Scratch<float> ascratch;
+      const int64_t tile0 = item * per_item, tiles = std::min(p.tiles - tile0, per_item);
+      uint16_t* w = wscratch.get(tiles * wfloats);
+      uint8_t* pw = pscratch.get(kTileRows / 16 * kPairUnitsPerChunk * kPairUnitBytes);
+      float* acc = ascratch.get(tiles * nb * kTileRows);
+      for (int64_t i = 0; i < tiles; ++i) prepare_weights(p, tile0 + i, w + i * wfloats);
+      std::fill(acc, acc + tiles * nb * kTileRows, 0.0f);
+      for (int64_t u0 = 0; u0 < units; u0 += kPairUnitsPerChunk) {
+        const int64_t nu = std::min(kPairUnitsPerChunk, units - u0), g0 = u0 * gpu;
+        for (int64_t i = 0; i < tiles; ++i) {
+          PairWeightsArgs wa;
+          wa.blocks = p.codes + ((tile0 + i) * p.G + g0) * t.block_bytes;
+          wa.ng = nu * gpu;
+          wa.w = w + i * wfloats;
+          wa.g_abs = g0;
+          wa.blk0 = 0;
+          wa.gpb = p.gpb;
+          wa.out = pw;
+          wa.units_stride = nu;
+          avx512::pair_weights(t, wa);
+          PairGemmArgs ga;
+          ga.xe = xe + u0 * 32;
+          ga.ldx = units * 32;
+          ga.nb = nb;
+          ga.w = pw;
+          ga.units = nu;
+          ga.acc = acc + i * nb * kTileRows;
+          avx512::pair_gemm(ga);
+        }
+      }
+      for (int64_t i = 0; i < tiles; ++i) {
+        const int64_t row0 = (tile0 + i) * kTileRows;
+        const int rows = static_cast<int>(std::min<int64_t>(kTileRows, p.out - row0));
+        avx512::pair_write(acc + i * nb * kTileRows, nb, p.bias ? p.bias + row0 : nullptr, rows,
+                           y + b0 * p.out + row0, p.out);
+      }
+    });
+  }
+}
+
 // Whether no element is NaN or Inf (exponent bits all ones), on the bits: a loop the compiler vectorizes.
 template <typename Bits, Bits kExponent>
 bool all_finite_bits(const void* data, int64_t n) {
@@ -473,6 +578,24 @@ void apply_nonfinite_rule(const at::Tensor& x, const at::Tensor& alpha, const at
   const at::Tensor rows = at::isfinite(x2d).all(-1, /*keepdim=*/true);
   const at::Tensor columns = at::logical_and(at::isfinite(alpha).all(-1), at::isfinite(mu).all(-1));
   y2d.copy_(at::where(at::logical_and(rows, columns), y2d, std::numeric_limits<float>::quiet_NaN()));
+}
+
+// The path a product of `batch` rows of float32 or bfloat16 activations on an N:M weight takes on this CPU and ISA:
+// "tables", "pairs" or "blas" (benchmarks print it; tests check which path they test).
+std::string native_path(bool bf16, int64_t batch, int64_t n, int64_t m, int64_t in_features, int64_t scale_block) {
+  TORCH_CHECK((m == 4 || m == 8 || m == 16) && 1 <= n && n < m && in_features % m == 0 && scale_block >= 1,
+              "pbs2p::_native_path: unsupported N:M, in_features or scale_block");
+  Problem p{};
+  p.t = &nm_tables(static_cast<int>(n), static_cast<int>(m));
+  p.isa = current_isa().load();
+  p.K = in_features;
+  p.G = in_features / m;
+  p.gpb = scale_block >= in_features ? p.G : scale_block / m;
+  switch (choose_path(p, bf16, batch)) {
+    case Path::kPairs: return "pairs";
+    case Path::kBlas: return "blas";
+    default: return "tables";
+  }
 }
 
 at::Tensor bsp_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& alpha,
@@ -549,11 +672,18 @@ at::Tensor bsp_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at
   const int64_t work = tiles * kTileRows * G * (std::min(B, kMaxBatchPerPass) + 4);
   p.threads = work >= kParallelWork && !at::in_parallel_region() ? at::get_num_threads() : 1;
 
-  if (B >= blas_min_batch(p.isa, x.scalar_type() == at::kBFloat16)) {
+  const Path path = choose_path(p, x.scalar_type() == at::kBFloat16, B);
+  if (path != Path::kTables) {
     at::Tensor y2d = y.view({B, out});
     const at::Tensor x2d = x.reshape({B, K}).contiguous();
     const at::Tensor bias_x = bias.has_value() ? bias->to(x.scalar_type()) : at::Tensor();
-    if (x.scalar_type() == at::kFloat) {
+    if (path == Path::kPairs) {
+      // the bias rounded to bf16 first, as at::linear takes it on the BLAS path
+      const at::Tensor bias_r = bias.has_value() ? bias_x.to(at::kFloat).contiguous() : at::Tensor();
+      p.bias = bias.has_value() ? bias_r.const_data_ptr<float>() : nullptr;
+      pair_pass(p, static_cast<const uint16_t*>(x2d.const_data_ptr()), B,
+                reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()));
+    } else if (x.scalar_type() == at::kFloat) {
       blas_pass<float>(p, x2d, bias_x, y2d);
     } else {
       blas_pass<uint16_t>(p, x2d, bias_x, y2d);
@@ -587,6 +717,9 @@ TORCH_LIBRARY_FRAGMENT(pbs2p, lib) {
   lib.def("_set_kernel_isa(str isa) -> str", &pbs2p::set_kernel_isa);
   lib.def("_supported_kernel_isas() -> str[]", &pbs2p::supported_kernel_isas);
   lib.def("_blas_min_batch(bool bf16) -> int", &pbs2p::current_blas_min_batch);
+  lib.def("_pair_min_batch() -> int", &pbs2p::current_pair_min_batch);
+  lib.def("_native_path(bool bf16, int batch, int n, int m, int in_features, int scale_block) -> str",
+          &pbs2p::native_path);
 }
 
 TORCH_LIBRARY_IMPL(pbs2p, CPU, lib) { lib.impl("bsp_linear", &pbs2p::bsp_linear_cpu); }

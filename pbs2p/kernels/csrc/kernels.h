@@ -37,6 +37,7 @@ struct NMTables {
   alignas(64) uint8_t t2x[256];         // m = 8: S_hi << 4 | s_hi -> 16 + P_hi (the idx kernels)
   alignas(64) uint8_t ts_lo4[128];      // m = 8: idx -> S_lo << 4
   alignas(64) uint8_t ts_hi4[128];      // m = 8: idx -> S_hi << 4
+  alignas(64) uint8_t pair_pos[4][128]; // 2 * column of the k-th kept weight (0 past the last): m = 8 of idx, m = 4 of S
   alignas(64) uint8_t js[64];           // m = 4: joint code -> S
   alignas(64) uint8_t jp[64];           // m = 4: joint code -> P
   uint64_t idx_load_mask, sgn_load_mask;
@@ -90,6 +91,35 @@ struct Int8RowsArgs {
   float* y;
 };
 
+// The pair kernels (pair_kernels.cpp, AVX-512 with VBMI and AVX512_BF16): bf16 prefill for patterns that keep
+// at most 4 of every 8 columns. A unit (8 columns) of 16 rows is two slots of a vpshufb control and 16 bf16 weight
+// pairs: kPairUnitBytes bytes.
+constexpr int kPairUnitBytes = 2 * 128;
+
+// pair_weights: the units of `ng` groups of one row tile (codes `blocks`) into `out`, laid out
+// [row block of 16 (stride units_stride units)][unit][slot][control, weights].
+struct PairWeightsArgs {
+  const uint8_t* blocks;  // codes of the ng groups; ng * m a multiple of 8
+  int64_t ng;
+  const uint16_t* w;      // bf16 bits of this tile's blocks from blk0 on: [blk][2][64] = (w+, w-)
+  int64_t g_abs;          // absolute group index of the first group (a unit's 8 columns lie in one scale block)
+  int64_t blk0, gpb;
+  uint8_t* out;
+  int64_t units_stride;   // units per row block in `out`
+};
+
+// pair_activations: xe[b][u] = the 8 bf16 activations x[b, 8 u : 8 u + 8], repeated in each 128-bit lane (64
+// bytes), for the `nb` batch rows of x (`ldx` elements apart, from the first unit's column) and `units` units.
+// pair_gemm: acc[b][r] += sum over the `units` units of x[b] . W_hat[r] for the `nb` batch rows and the 64 rows of
+// one tile, from pair_activations and pair_weights (units_stride = units).
+struct PairGemmArgs {
+  const uint16_t* xe;     // pair_activations of the first unit: [nb][units][32], batch rows `ldx` elements apart
+  int64_t ldx, nb;
+  const uint8_t* w;
+  int64_t units;
+  float* acc;             // [nb][64]
+};
+
 // The ISA the operators run with (pbs2p::_set_kernel_isa): 0 scalar, 1 AVX2, 2 AVX-512.
 int active_isa();
 
@@ -132,6 +162,12 @@ void decode_lookup1_idx(const NMTables& t, const uint8_t* blocks, const LookupAr
 // One batch row of bfloat16 activations, m = 8, on CPUs with AVX512_BF16: bf16 tables.
 void build_tables_bf16(const NMTables& t, const uint16_t* x, int64_t g0, int64_t g1, uint8_t* tables);
 void decode_lookup1_bf16(const NMTables& t, const uint8_t* blocks, const LookupArgs& a);
+// The pair kernels (see PairWeightsArgs).
+void pair_weights(const NMTables& t, const PairWeightsArgs& a);
+void pair_activations(const uint16_t* x, int64_t ldx, int64_t nb, int64_t units, uint16_t* xe);
+void pair_gemm(const PairGemmArgs& a);
+// y[b][r] = bf16(acc[b][r] + bias[r]) for r < rows (bias may be null; y rows `ldy` elements apart).
+void pair_write(const float* acc, int64_t nb, const float* bias, int rows, uint16_t* y, int64_t ldy);
 }
 
 }  // namespace pbs2p

@@ -12,6 +12,8 @@
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx2,fma,bmi,bmi2,popcnt")
 
+#include "decode_avx512.h"
+
 namespace pbs2p::avx512 {
 
 const int kMaxNb = 8;
@@ -70,65 +72,6 @@ void build_tables(const void* x, bool x_bf16, int64_t ldx, int64_t B, int m, int
       float* tb = tables + (g * B + b) * nib * 16;
       for (int t = 0; t < nib; ++t) _mm512_storeu_ps(tb + 16 * t, subset_sums(c, x, x_bf16, xi + 4 * t));
     }
-  }
-}
-
-// Decode constants, loaded once per call.
-struct Dec {
-  __m512i gi, gs, shi, shlo, shhi, ts0, ts1, t1[4], t2[4], dx[4], f0, js, jp, jm;
-  __mmask64 lmi, lms;
-  int bb, ib;
-};
-
-static inline Dec load_dec(const NMTables& t) {
-  Dec c;
-  c.gi = _mm512_load_si512(t.gather_idx);
-  c.gs = _mm512_load_si512(t.gather_sgn);
-  c.shi = _mm512_load_si512(t.shift_idx);
-  c.shlo = _mm512_load_si512(t.shift_slo);
-  c.shhi = _mm512_load_si512(t.shift_shi);
-  c.ts0 = _mm512_load_si512(t.ts);
-  c.ts1 = _mm512_load_si512(t.ts + 64);
-  for (int i = 0; i < 4; ++i) {
-    c.t1[i] = _mm512_load_si512(t.t1 + 64 * i);
-    c.t2[i] = _mm512_load_si512(t.t2 + 64 * i);
-    c.dx[i] = _mm512_load_si512(t.dexp[i]);
-  }
-  c.f0 = _mm512_set1_epi8(static_cast<char>(0xF0));
-  c.js = _mm512_load_si512(t.js);
-  c.jp = _mm512_load_si512(t.jp);
-  c.jm = _mm512_set1_epi8(static_cast<char>(t.jmask));
-  c.lmi = t.idx_load_mask;
-  c.lms = t.sgn_load_mask;
-  c.bb = t.block_bytes;
-  c.ib = t.idx_bytes;
-  return c;
-}
-
-// S and P (bytes, one per row) of the 64 rows of one block.
-template <int M>
-static inline void decode_block(const Dec& c, const uint8_t* blk, __m512i& S, __m512i& P) {
-  const __m512i ia = _mm512_maskz_loadu_epi8(c.lmi, blk);
-  const __m512i sa = _mm512_maskz_loadu_epi8(c.lms, blk + c.ib);
-  const __m512i idx = _mm512_multishift_epi64_epi8(c.shi, _mm512_permutexvar_epi8(c.gi, ia));
-  const __m512i sq = _mm512_permutexvar_epi8(c.gs, sa);
-  if (M == 8) {
-    S = _mm512_permutex2var_epi8(c.ts0, idx, c.ts1);
-    const __m512i slo = _mm512_multishift_epi64_epi8(c.shlo, sq);
-    const __m512i shv = _mm512_multishift_epi64_epi8(c.shhi, sq);
-    // 0xE4: (a & c) | (b & ~c): high nibble from a, low nibble from b.
-    const __m512i i1 = _mm512_ternarylogic_epi32(_mm512_slli_epi16(S, 4), slo, c.f0, 0xE4);
-    const __m512i i2 = _mm512_ternarylogic_epi32(S, shv, c.f0, 0xE4);
-    const __m512i pl = _mm512_mask_blend_epi8(_mm512_movepi8_mask(i1), _mm512_permutex2var_epi8(c.t1[0], i1, c.t1[1]),
-                                              _mm512_permutex2var_epi8(c.t1[2], i1, c.t1[3]));
-    const __m512i ph = _mm512_mask_blend_epi8(_mm512_movepi8_mask(i2), _mm512_permutex2var_epi8(c.t2[0], i2, c.t2[1]),
-                                              _mm512_permutex2var_epi8(c.t2[2], i2, c.t2[3]));
-    P = _mm512_or_si512(pl, ph);
-  } else {
-    const __m512i s = _mm512_multishift_epi64_epi8(c.shlo, sq);
-    const __m512i j = _mm512_ternarylogic_epi32(idx, s, c.jm, 0xE4);  // idx is pre-shifted by n
-    S = _mm512_permutexvar_epi8(j, c.js);
-    P = _mm512_permutexvar_epi8(j, c.jp);
   }
 }
 

@@ -79,6 +79,10 @@ std::unique_ptr<NMTables> build(int n, int m) {
       t->ts[v] = idx < static_cast<uint32_t>(c) ? static_cast<uint8_t>(t->masks[idx]) : 0;
       t->ts_lo4[v] = static_cast<uint8_t>(t->ts[v] << 4);
       t->ts_hi4[v] = static_cast<uint8_t>(t->ts[v] & 0xF0);
+      for (int k = 0, col = 0; k < 4; ++k, ++col) {
+        while (col < 8 && !(t->ts[v] >> col & 1)) ++col;
+        t->pair_pos[k][v] = static_cast<uint8_t>(col < 8 ? 2 * col : 0);
+      }
     }
     // The low nibble of S takes the first popcount(S_lo) signs; the high nibble the last
     // popcount(S_hi) ones, which are the top bits of the sign byte shifted by max(n - 4, 0).
@@ -95,6 +99,12 @@ std::unique_ptr<NMTables> build(int n, int m) {
     }
   } else {
     t->jmask = static_cast<uint8_t>(((1u << wi) - 1) << n);
+    for (uint32_t v = 0; v < 16 && m == 4; ++v) {  // pair_pos of m = 4: S -> 2 * column of its k-th kept weight
+      for (int k = 0, col = 0; k < 4; ++k, ++col) {
+        while (col < 4 && !(v >> col & 1)) ++col;
+        t->pair_pos[k][v] = static_cast<uint8_t>(col < 4 ? 2 * col : 0);
+      }
+    }
     for (uint32_t v = 0; v < 64; ++v) {
       const uint32_t d = t->joint[v & ((1u << t->joint_bits) - 1)];
       t->js[v] = static_cast<uint8_t>(d & 0xFF);

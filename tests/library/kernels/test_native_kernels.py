@@ -5,12 +5,14 @@ The first test to run builds the operator (about 15 s on 2 cores; cached afterwa
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 
 import pytest
 import torch
 from helpers import random_packed_weight as random_weight
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pbs2p.kernels import native, ops, packing
@@ -158,10 +160,11 @@ def test_batch1_kept_sums_by_idx(n, scale_block, x_kind, dtype):
 @pytest.mark.parametrize("scale_block", [0, 64, 256, 2000])
 @pytest.mark.parametrize(("n", "m"), [(4, 8), (2, 4), (8, 16), (5, 8)])
 def test_bf16_prefill_path(monkeypatch, n, m, scale_block):
-    # bf16 activations from PBS2P_BLAS_MIN_BATCH rows on take the expand-to-bf16 + BLAS path (AVX-512
-    # CPUs with bf16 dot products; elsewhere this runs the lookup kernels): W_hat rounded to bf16, then
-    # a bf16 GEMM, within the contract of the exact product like every other path.
+    # bf16 activations from PBS2P_BLAS_MIN_BATCH rows on take the expand-to-bf16 + BLAS path where the pair
+    # kernels are off (AVX-512 CPUs with bf16 dot products; elsewhere this runs the lookup kernels): W_hat rounded
+    # to bf16, then a bf16 GEMM, within the contract of the exact product like every other path.
     monkeypatch.setenv("PBS2P_BLAS_MIN_BATCH", "2")
+    monkeypatch.setenv("PBS2P_PAIR_MIN_BATCH", str(2**62))
     scale_block = scale_block or m  # 0: one group per block
     k = 2000 if scale_block == 2000 else 768
     codes, alpha, mu = random_weight(200, k, n, m, scale_block, torch.bfloat16, 3)
@@ -169,6 +172,126 @@ def test_bf16_prefill_path(monkeypatch, n, m, scale_block):
     bias = torch.randn(200, dtype=torch.bfloat16)
     y = torch.ops.pbs2p.bsp_linear(x, codes, alpha, mu, bias, n, m, scale_block)
     assert_within_contract(y, x, codes, alpha, mu, bias, n, m, scale_block)
+
+
+PAIR_NM = [(1, 4), (2, 4), (1, 8), (2, 8), (3, 8), (4, 8)]
+
+
+def pairs_run() -> bool:
+    return ops.pair_min_batch() is not None
+
+
+@pytest.mark.skipif(not pairs_run(), reason="the pair kernels need AVX-512 with bf16 dot products")
+@settings(max_examples=80, deadline=None, derandomize=True)
+@given(
+    nm=st.sampled_from(PAIR_NM),
+    out=st.integers(1, 200),
+    units=st.integers(1, 70),  # 8 columns each; the kernels take 32 at a time
+    batch=st.integers(1, 140),  # 8 rows at a time, blocks of 128
+    blocks_of=st.integers(0, 3),
+    scale_dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    with_bias=st.booleans(),
+    mu_kind=st.sampled_from(["small", "big", "near+", "near-"]),
+    seed=st.integers(0, 2**16),
+)
+def test_pair_kernels_within_contract(nm, out, units, batch, blocks_of, scale_dtype, with_bias, mu_kind, seed):
+    n, m = nm
+    k = units * 8
+    scale_block = k if blocks_of == 0 else blocks_of * 8  # per row, or blocks of whole units
+    codes, alpha, mu = random_weight(out, k, n, m, scale_block, scale_dtype, seed, mu_kind)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(batch, k, generator=g).to(torch.bfloat16)
+    bias = torch.randn(out, generator=g).to(torch.bfloat16) if with_bias else None
+    with pair_batches(1):
+        assert ops.native_path(torch.bfloat16, batch, n, m, k, scale_block) == "pairs"
+        y = torch.ops.pbs2p.bsp_linear(x, codes, alpha, mu, bias, n, m, scale_block)
+    assert_within_contract(y, x, codes, alpha, mu, bias, n, m, scale_block)
+
+
+@contextlib.contextmanager
+def pair_batches(rows: int):
+    """The pair kernels from ``rows`` rows on (``PBS2P_PAIR_MIN_BATCH``), restored afterwards."""
+    old = os.environ.get("PBS2P_PAIR_MIN_BATCH")
+    os.environ["PBS2P_PAIR_MIN_BATCH"] = str(rows)
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["PBS2P_PAIR_MIN_BATCH"]
+        else:
+            os.environ["PBS2P_PAIR_MIN_BATCH"] = old
+
+
+@pytest.mark.skipif(not pairs_run(), reason="the pair kernels need AVX-512 with bf16 dot products")
+@pytest.mark.parametrize(("n", "m"), PAIR_NM)
+def test_pair_kernels_on_every_kept_set_and_sign_pattern(n, m):
+    # Every kept set x every sign pattern of a unit (8 columns: one N:8 group, or two N:4 groups), one per row, in
+    # rows spread over several tiles and blocks of 8 columns; activations powers of two and scales exact in bf16,
+    # so every product and sum is exact: the kernels must give the torch path's output bit for bit.
+    t = packing.nm_tables(n, m)
+    kept_g = t.kept.repeat_interleave(2**n, 0)
+    signs_g = ((torch.arange(2**n).repeat(t.kept.shape[0]).unsqueeze(1) >> t.sign_rank.repeat_interleave(2**n, 0))
+               & 1).bool() & kept_g
+    rows = len(kept_g)
+    if m == 4:  # pair every pattern of the first group with every one of the second
+        i, j = torch.meshgrid(torch.arange(rows), torch.arange(rows), indexing="ij")
+        kept_u = torch.cat([kept_g[i.flatten()], kept_g[j.flatten()]], 1)
+        signs_u = torch.cat([signs_g[i.flatten()], signs_g[j.flatten()]], 1)
+    else:
+        kept_u, signs_u = kept_g, signs_g
+    out, units = len(kept_u), 36  # rotate the patterns through the units: every row sees them in every unit
+    shift = torch.arange(units)
+    order = (torch.arange(out).unsqueeze(1) + 7 * shift) % out  # [out, units]
+    kept = kept_u[order].reshape(out, units * 8)
+    signs = signs_u[order].reshape(out, units * 8)
+    codes = packing.pack(kept, signs, n, m)
+    scale_block = 16
+    g = torch.Generator().manual_seed(n * m)
+    alpha = 2.0 ** torch.randint(-2, 2, (out, units * 8 // scale_block), generator=g).float()
+    mu = alpha * 0.5 * torch.randint(-1, 2, alpha.shape, generator=g).float()  # kept weights: +-alpha/2 .. +-3alpha/2
+    shape = (9, units * 8)
+    x = (2.0 ** torch.randint(-2, 3, shape, generator=g) * (torch.randint(0, 2, shape, generator=g) * 2 - 1)
+         * (torch.rand(shape, generator=g) > 0.25)).to(torch.bfloat16)
+    with pair_batches(1):
+        y = torch.ops.pbs2p.bsp_linear(x, codes, alpha, mu, None, n, m, scale_block)
+    exact = (x.double() @ packing.dequantize(codes, alpha.double(), mu.double(), n, m, scale_block,
+                                             dtype=torch.float64).T).to(torch.bfloat16)
+    assert torch.equal(y, exact)
+
+
+@pytest.mark.skipif(not pairs_run(), reason="the pair kernels need AVX-512 with bf16 dot products")
+def test_pair_kernels_many_tiles_chunks_and_batch_blocks():
+    # 18 row tiles (3 items of up to 8), 257 units (9 chunks of up to 32), 133 rows (a block of 128 and 5 more)
+    n, m, out, k = 4, 8, 1100, 2056
+    codes, alpha, mu = random_weight(out, k, n, m, 64, torch.bfloat16, 11)
+    x = torch.randn(133, k, dtype=torch.bfloat16)
+    bias = torch.randn(out, dtype=torch.bfloat16)
+    assert ops.native_path(torch.bfloat16, 133, n, m, k, 64) == "pairs"
+    y = torch.ops.pbs2p.bsp_linear(x, codes, alpha, mu, bias, n, m, 64)
+    assert_within_contract(y, x, codes, alpha, mu, bias, n, m, 64)
+    with pair_batches(2**62):
+        assert ops.native_path(torch.bfloat16, 133, n, m, k, 64) == "blas"
+        blas = torch.ops.pbs2p.bsp_linear(x, codes, alpha, mu, bias, n, m, 64)
+    assert not torch.equal(y, blas)  # the two paths sum in other orders: the pair kernels really ran
+
+
+def test_native_path_by_pattern_and_batch(monkeypatch):
+    monkeypatch.delenv("PBS2P_PAIR_MIN_BATCH", raising=False)
+    monkeypatch.delenv("PBS2P_BLAS_MIN_BATCH", raising=False)
+    rows = ops.pair_min_batch()
+    assert ops.native_path(torch.bfloat16, 1, 4, 8, 4096, 4096) == "tables"
+    if rows is None:
+        assert "pairs" not in {ops.native_path(torch.bfloat16, b, 4, 8, 4096, 4096) for b in (1, 8, 128, 4096)}
+        return
+    assert ops.native_path(torch.bfloat16, rows - 1, 4, 8, 4096, 4096) == "tables"
+    assert ops.native_path(torch.bfloat16, rows, 4, 8, 4096, 4096) == "pairs"
+    assert ops.native_path(torch.bfloat16, rows, 2, 4, 4096, 8) == "pairs"
+    assert ops.native_path(torch.float32, 128, 4, 8, 4096, 4096) == "tables"  # float32: AVX-512 tables
+    blas = ops.blas_min_batch(torch.bfloat16)
+    # more than 4 kept weights per 8 columns, N:16, or N:4 scale blocks of 4 columns: expand + BLAS
+    for n, m, scale_block in [(5, 8, 4096), (3, 4, 4096), (8, 16, 4096), (2, 4, 4)]:
+        assert ops.native_path(torch.bfloat16, rows, n, m, 4096, scale_block) == "tables"
+        assert ops.native_path(torch.bfloat16, blas, n, m, 4096, scale_block) == "blas"
 
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
