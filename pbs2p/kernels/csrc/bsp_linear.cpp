@@ -452,14 +452,18 @@ void blas_pass(const Problem& p, const at::Tensor& x2d, const at::Tensor& bias, 
   }
 }
 
-// Prefill with bf16 activations through the pair kernels (see pair_kernels.cpp). For each block of up to 128 batch
-// rows: spread the activations once (4 x 64 bytes per 8 columns and row, shared by every item), then each item, a
-// few row tiles (up to 8, and at least 4 items per thread so that small weights spread evenly: 9 tiles in items of
-// 8 ran 576 x 1536 at 0.62x dense bf16 on 2 threads), goes through the columns 32 units (256 columns) at a time: per
-// tile it lays the kept weights out in pairs (32 KB, stays in L1) and runs every batch row of the block through
-// them. A tile's sums stay in float32 until the end. Spreading the activations in each item instead cost 36 % of
-// the dot products' time at 576 x 576, batch 128.
-constexpr int64_t kPairUnitsPerChunk = 32, kPairTilesPerItem = 8, kPairBatch = 128;
+// Prefill with bf16 activations through the pair kernels (see pair_kernels.cpp), per block of up to 128 batch rows.
+// An item is a run of up to 16 halves of row tiles (32 rows each), as long as an even share of the threads allows
+// (one-tile items left one of 2 threads with 5 of 9 tiles); it goes through the columns 32 units (256 columns) at a
+// time: per tile it lays the kept weights out in pairs (up to 32 KB, stays in L1) and runs every batch row of the
+// block through them. A tile's sums stay in float32 until the end.
+// The activations of each unit are read from x with a broadcast, or, for weights of at least 1024 rows and at most
+// 4096 columns, spread once per block beforehand (pair_activations: 4x the bytes of x, read by every item) and
+// read with plain loads. Measured at batch 128, 2 threads, alternating with dense bf16, spread / broadcast:
+// 4096 x 4096 1.07x / 1.01x dense, 1536 x 576 1.07x / 1.00x, 4096 x 11008 0.98x / 1.03x, 576 x 1536 0.88x / 1.24x,
+// 192 x 576 (SmolLM2's k and v projections) 0.67x / 1.28x.
+constexpr int64_t kPairUnitsPerChunk = 32, kPairHalvesPerItem = 16, kPairBatch = 128;
+constexpr int64_t kPairSpreadRows = 1024, kPairSpreadColumns = 4096;
 // Below about 20 us of work (4 M multiply-adds) a product of the pair kernels stays on the calling thread.
 constexpr int64_t kPairParallelWork = 1 << 22;
 
@@ -502,20 +506,30 @@ void pair_pass(const Problem& p, const uint16_t* x, int64_t B, uint16_t* y) {
   const NMTables& t = *p.t;
   const int64_t units = p.K / 8, gpu = 8 / t.m, wfloats = p.n_blocks * 2 * kTileRows;
   const int threads = p.out * p.K * B >= kPairParallelWork && !at::in_parallel_region() ? at::get_num_threads() : 1;
-  const int64_t per_item = std::clamp<int64_t>(p.tiles / (4 * threads), 1, kPairTilesPerItem);
-  const int64_t items = (p.tiles + per_item - 1) / per_item;
-  uint16_t* xe = caller_pair_activations().get(std::min(B, kPairBatch) * units * 32);
+  // Items: runs of 32-row halves of tiles, up to 16 (8 tiles), in rounds of one item per thread.
+  const int64_t halves = (p.out + 31) / 32;
+  const int64_t rounds = (halves + threads * kPairHalvesPerItem - 1) / (threads * kPairHalvesPerItem);
+  const int64_t per_item = (halves + threads * rounds - 1) / (threads * rounds);
+  const int64_t items = (halves + per_item - 1) / per_item;
+  const bool spread = p.out >= kPairSpreadRows && p.K <= kPairSpreadColumns;
+  uint16_t* xe = spread ? caller_pair_activations().get(std::min(B, kPairBatch) * units * 32) : nullptr;
   for (int64_t b0 = 0; b0 < B; b0 += kPairBatch) {
     const int64_t nb = std::min(kPairBatch, B - b0), rows_per_item = (nb + 2 * threads - 1) / (2 * threads);
-    parallel_items((nb + rows_per_item - 1) / rows_per_item, threads, [&](int64_t i) {
-      const int64_t r0 = i * rows_per_item, r1 = std::min(nb, r0 + rows_per_item);
-      avx512::pair_activations(x + (b0 + r0) * p.K, p.K, r1 - r0, units, xe + r0 * units * 32);
-    });
+    if (spread) {
+      parallel_items((nb + rows_per_item - 1) / rows_per_item, threads, [&](int64_t i) {
+        const int64_t r0 = i * rows_per_item, r1 = std::min(nb, r0 + rows_per_item);
+        avx512::pair_activations(x + (b0 + r0) * p.K, p.K, r1 - r0, units, xe + r0 * units * 32);
+      });
+    }
     parallel_items(items, threads, [&](int64_t item) {
       static thread_local Scratch<uint16_t> wscratch;
       static thread_local Scratch<uint8_t> pscratch;
       static thread_local Scratch<float> ascratch;
-      const int64_t tile0 = item * per_item, tiles = std::min(p.tiles - tile0, per_item);
+      const int64_t h0 = item * per_item, h1 = std::min(halves, h0 + per_item);
+      const int64_t tile0 = h0 / 2, tiles = (h1 + 1) / 2 - tile0;
+      // the row blocks of tile i of the item: all 4, but the first tile may start and the last end half-way
+      const auto rb0 = [&](int64_t i) { return i == 0 ? static_cast<int>(h0 % 2) * 2 : 0; };
+      const auto rb1 = [&](int64_t i) { return i == tiles - 1 && h1 % 2 ? 2 : kTileRows / 16; };
       uint16_t* w = wscratch.get(tiles * wfloats);
       uint8_t* pw = pscratch.get(kTileRows / 16 * kPairUnitsPerChunk * kPairUnitBytes);
       float* acc = ascratch.get(tiles * nb * kTileRows);
@@ -533,21 +547,26 @@ void pair_pass(const Problem& p, const uint16_t* x, int64_t B, uint16_t* y) {
           wa.gpb = p.gpb;
           wa.out = pw;
           wa.units_stride = nu;
+          wa.rb0 = rb0(i);
+          wa.rb1 = rb1(i);
           avx512::pair_weights(t, wa);
           PairGemmArgs ga;
-          ga.xe = xe + u0 * 32;
-          ga.ldx = units * 32;
+          ga.xe = spread ? xe + u0 * 32 : x + b0 * p.K + u0 * 8;
+          ga.spread = spread;
+          ga.ldx = spread ? units * 32 : p.K;
           ga.nb = nb;
           ga.w = pw;
           ga.units = nu;
+          ga.rb0 = rb0(i);
+          ga.rb1 = rb1(i);
           ga.acc = acc + i * nb * kTileRows;
           avx512::pair_gemm(ga);
         }
       }
       for (int64_t i = 0; i < tiles; ++i) {
-        const int64_t row0 = (tile0 + i) * kTileRows;
-        const int rows = static_cast<int>(std::min<int64_t>(kTileRows, p.out - row0));
-        avx512::pair_write(acc + i * nb * kTileRows, nb, p.bias ? p.bias + row0 : nullptr, rows,
+        const int64_t row0 = (tile0 + i) * kTileRows + rb0(i) * 16;
+        const int rows = static_cast<int>(std::min<int64_t>((rb1(i) - rb0(i)) * 16, p.out - row0));
+        avx512::pair_write(acc + i * nb * kTileRows + rb0(i) * 16, nb, p.bias ? p.bias + row0 : nullptr, rows,
                            y + b0 * p.out + row0, p.out);
       }
     });

@@ -106,6 +106,7 @@ struct PairWeightsArgs {
   int64_t blk0, gpb;
   uint8_t* out;
   int64_t units_stride;   // units per row block in `out`
+  int rb0, rb1;           // the row blocks to lay out: [0, 4) (the tile) or [0, 2), [2, 4) (half of it)
 };
 
 // pair_activations: xe[b][u] = the 8 bf16 activations x[b, 8 u : 8 u + 8], repeated in each 128-bit lane (64
@@ -113,10 +114,12 @@ struct PairWeightsArgs {
 // pair_gemm: acc[b][r] += sum over the `units` units of x[b] . W_hat[r] for the `nb` batch rows and the 64 rows of
 // one tile, from pair_activations and pair_weights (units_stride = units).
 struct PairGemmArgs {
-  const uint16_t* xe;     // pair_activations of the first unit: [nb][units][32], batch rows `ldx` elements apart
-  int64_t ldx, nb;
+  const uint16_t* xe;     // spread: pair_activations of the first unit ([nb][units][32]); else x at its first column
+  bool spread;
+  int64_t ldx, nb;        // elements from one batch row of xe to the next; batch rows
   const uint8_t* w;
   int64_t units;
+  int rb0, rb1;           // the row blocks to multiply, as in PairWeightsArgs
   float* acc;             // [nb][64]
 };
 

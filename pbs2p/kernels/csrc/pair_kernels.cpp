@@ -52,12 +52,16 @@ inline void store_row_block(const __m512i pos[4], __m512i signs, int kept, const
   }
 }
 
+// Row blocks [rb0, rb0 + 2) of one unit (2 per call; rb0 = 0 or 2).
 inline void store_unit(const __m512i pos[4], __m512i signs, int kept, const uint16_t* wb, const NMTables& t,
-                       uint8_t* out, int64_t block_bytes) {
-  store_row_block<0>(pos, signs, kept, wb, t, out);
-  store_row_block<1>(pos, signs, kept, wb, t, out + block_bytes);
-  store_row_block<2>(pos, signs, kept, wb, t, out + 2 * block_bytes);
-  store_row_block<3>(pos, signs, kept, wb, t, out + 3 * block_bytes);
+                       uint8_t* out, int64_t block_bytes, int rb0) {
+  if (rb0 == 0) {
+    store_row_block<0>(pos, signs, kept, wb, t, out);
+    store_row_block<1>(pos, signs, kept, wb, t, out + block_bytes);
+  } else {
+    store_row_block<2>(pos, signs, kept, wb, t, out + 2 * block_bytes);
+    store_row_block<3>(pos, signs, kept, wb, t, out + 3 * block_bytes);
+  }
 }
 
 }  // namespace
@@ -93,7 +97,9 @@ void pair_weights(const NMTables& t, const PairWeightsArgs& a) {
       }
     }
     const uint16_t* wb = a.w + ((a.g_abs + g) / a.gpb - a.blk0) * 2 * kTileRows;
-    store_unit(pos, signs, kept, wb, t, a.out + g / gpu * kPairUnitBytes, block_bytes);
+    for (int rb0 = a.rb0; rb0 < a.rb1; rb0 += 2) {
+      store_unit(pos, signs, kept, wb, t, a.out + g / gpu * kPairUnitBytes, block_bytes, rb0);
+    }
   }
 }
 
@@ -111,7 +117,15 @@ void pair_activations(const uint16_t* x, int64_t ldx, int64_t nb, int64_t units,
 namespace {
 
 // Two row blocks (32 rows) and T batch rows: acc[b][0:32] of the row blocks += their products over `units`.
-template <int T>
+// The activations of unit u of a batch row in every 128-bit lane: from pair_activations (Spread: one load) or from x
+// itself (a broadcast, which costs a shuffle-port operation).
+template <bool Spread>
+inline __m512i unit_activations(const uint16_t* x, int64_t u) {
+  if (Spread) return _mm512_loadu_si512(x + u * 32);
+  return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + u * 8)));
+}
+
+template <int T, bool Spread>
 inline void pair_block(const uint16_t* xe, int64_t ldx, const uint8_t* w0, const uint8_t* w1, int64_t units,
                        float* acc) {
   __m512 s0[T], s1[T];
@@ -128,7 +142,7 @@ inline void pair_block(const uint16_t* xe, int64_t ldx, const uint8_t* w0, const
     const __m512i c11 = _mm512_loadu_si512(p1 + 128), v11 = _mm512_loadu_si512(p1 + 192);
 #pragma GCC unroll 8
     for (int b = 0; b < T; ++b) {
-      const __m512i xb = _mm512_loadu_si512(xe + b * ldx + u * 32);
+      const __m512i xb = unit_activations<Spread>(xe + b * ldx, u);
       s0[b] = _mm512_dpbf16_ps(s0[b], (__m512bh)_mm512_shuffle_epi8(xb, c00), (__m512bh)v00);
       s0[b] = _mm512_dpbf16_ps(s0[b], (__m512bh)_mm512_shuffle_epi8(xb, c01), (__m512bh)v01);
       s1[b] = _mm512_dpbf16_ps(s1[b], (__m512bh)_mm512_shuffle_epi8(xb, c10), (__m512bh)v10);
@@ -141,31 +155,40 @@ inline void pair_block(const uint16_t* xe, int64_t ldx, const uint8_t* w0, const
   }
 }
 
-template <int T>
+template <int T, bool Spread>
 inline void pair_rows(const PairGemmArgs& a, const uint16_t* xe, float* acc) {
   const int64_t block_bytes = a.units * kPairUnitBytes;
-  for (int rb = 0; rb < kTileRows / 16; rb += 2) {
-    pair_block<T>(xe, a.ldx, a.w + rb * block_bytes, a.w + (rb + 1) * block_bytes, a.units, acc + rb * 16);
+  for (int rb = a.rb0; rb < a.rb1; rb += 2) {
+    pair_block<T, Spread>(xe, a.ldx, a.w + rb * block_bytes, a.w + (rb + 1) * block_bytes, a.units, acc + rb * 16);
+  }
+}
+
+template <bool Spread>
+void pair_gemm_x(const PairGemmArgs& a) {
+  constexpr int kT = 8;  // batch rows per pass: 16 sums, 8 controls and weight pairs in registers
+  int64_t b = 0;
+  for (; b + kT <= a.nb; b += kT) pair_rows<kT, Spread>(a, a.xe + b * a.ldx, a.acc + b * kTileRows);
+  const uint16_t* xe = a.xe + b * a.ldx;
+  float* acc = a.acc + b * kTileRows;
+  switch (a.nb - b) {
+    case 7: pair_rows<7, Spread>(a, xe, acc); break;
+    case 6: pair_rows<6, Spread>(a, xe, acc); break;
+    case 5: pair_rows<5, Spread>(a, xe, acc); break;
+    case 4: pair_rows<4, Spread>(a, xe, acc); break;
+    case 3: pair_rows<3, Spread>(a, xe, acc); break;
+    case 2: pair_rows<2, Spread>(a, xe, acc); break;
+    case 1: pair_rows<1, Spread>(a, xe, acc); break;
+    default: break;
   }
 }
 
 }  // namespace
 
 void pair_gemm(const PairGemmArgs& a) {
-  constexpr int kT = 8;  // batch rows per pass: 16 sums, 8 controls and weight pairs in registers
-  int64_t b = 0;
-  for (; b + kT <= a.nb; b += kT) pair_rows<kT>(a, a.xe + b * a.ldx, a.acc + b * kTileRows);
-  const uint16_t* xe = a.xe + b * a.ldx;
-  float* acc = a.acc + b * kTileRows;
-  switch (a.nb - b) {
-    case 7: pair_rows<7>(a, xe, acc); break;
-    case 6: pair_rows<6>(a, xe, acc); break;
-    case 5: pair_rows<5>(a, xe, acc); break;
-    case 4: pair_rows<4>(a, xe, acc); break;
-    case 3: pair_rows<3>(a, xe, acc); break;
-    case 2: pair_rows<2>(a, xe, acc); break;
-    case 1: pair_rows<1>(a, xe, acc); break;
-    default: break;
+  if (a.spread) {
+    pair_gemm_x<true>(a);
+  } else {
+    pair_gemm_x<false>(a);
   }
 }
 
