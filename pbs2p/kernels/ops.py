@@ -131,9 +131,7 @@ def native_path(dtype: torch.dtype, batch: int, n: int, m: int, in_features: int
     >>> native_path(torch.float32, 1, 4, 8, 4096, 4096) in ("tables", "torch")
     True
     """
-    if dtype not in (torch.float32, torch.bfloat16) or not kernel_backend().startswith("native"):
-        return "torch"
-    if scale_block < in_features and scale_block % m:
+    if _unsupported_problem(dtype, in_features, m, scale_block) or not kernel_backend().startswith("native"):
         return "torch"
     return torch.ops.pbs2p._native_path(dtype == torch.bfloat16, batch, n, m, in_features, scale_block)
 
@@ -151,9 +149,14 @@ def native_unsupported(
     tensors = (x, alpha, mu) if bias is None else (x, alpha, mu, bias)
     if any(t.device.type != "cpu" for t in (codes, *tensors)):
         return "tensors not on the CPU"
-    if x.dtype not in (torch.float32, torch.bfloat16):
-        return f"activations of dtype {x.dtype}"
-    if scale_block < x.shape[-1] and scale_block % m:
+    return _unsupported_problem(x.dtype, x.shape[-1], m, scale_block)
+
+
+def _unsupported_problem(dtype: torch.dtype, in_features: int, m: int, scale_block: int) -> str | None:
+    """Why the native operator does not handle activations of ``dtype`` on this weight shape (``None`` if it does)."""
+    if dtype not in (torch.float32, torch.bfloat16):
+        return f"activations of dtype {dtype}"
+    if scale_block < in_features and scale_block % m:
         return f"scale_block {scale_block} not a multiple of M = {m}"
     return None
 

@@ -543,7 +543,6 @@ void pair_pass(const Problem& p, const uint16_t* x, int64_t B, uint16_t* y) {
           wa.ng = nu * gpu;
           wa.w = w + i * wfloats;
           wa.g_abs = g0;
-          wa.blk0 = 0;
           wa.gpb = p.gpb;
           wa.out = pw;
           wa.units_stride = nu;

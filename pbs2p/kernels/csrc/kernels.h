@@ -101,9 +101,9 @@ constexpr int kPairUnitBytes = 2 * 128;
 struct PairWeightsArgs {
   const uint8_t* blocks;  // codes of the ng groups; ng * m a multiple of 8
   int64_t ng;
-  const uint16_t* w;      // bf16 bits of this tile's blocks from blk0 on: [blk][2][64] = (w+, w-)
+  const uint16_t* w;      // bf16 bits of this tile's (w+, w-), every block: [blk][2][64]
   int64_t g_abs;          // absolute group index of the first group (a unit's 8 columns lie in one scale block)
-  int64_t blk0, gpb;
+  int64_t gpb;
   uint8_t* out;
   int64_t units_stride;   // units per row block in `out`
   int rb0, rb1;           // the row blocks to lay out: [0, 4) (the tile) or [0, 2), [2, 4) (half of it)

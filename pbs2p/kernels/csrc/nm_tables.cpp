@@ -18,6 +18,12 @@ uint32_t deposit(uint32_t v, uint32_t mask) {
   return r;
 }
 
+// pair_pos: 2 * the column of the k-th set bit of S (the byte offset of its bf16 activation), 0 if S has fewer.
+uint8_t pair_pos(uint32_t S, int k) {
+  const uint32_t bit = deposit(1u << k, S);
+  return static_cast<uint8_t>(bit ? 2 * __builtin_ctz(bit) : 0);
+}
+
 std::unique_ptr<NMTables> build(int n, int m) {
   if (!(m == 4 || m == 8 || m == 16) || n < 1 || n >= m) {
     throw std::invalid_argument("unsupported N:M pattern");
@@ -79,10 +85,7 @@ std::unique_ptr<NMTables> build(int n, int m) {
       t->ts[v] = idx < static_cast<uint32_t>(c) ? static_cast<uint8_t>(t->masks[idx]) : 0;
       t->ts_lo4[v] = static_cast<uint8_t>(t->ts[v] << 4);
       t->ts_hi4[v] = static_cast<uint8_t>(t->ts[v] & 0xF0);
-      for (int k = 0, col = 0; k < 4; ++k, ++col) {
-        while (col < 8 && !(t->ts[v] >> col & 1)) ++col;
-        t->pair_pos[k][v] = static_cast<uint8_t>(col < 8 ? 2 * col : 0);
-      }
+      for (int k = 0; k < 4; ++k) t->pair_pos[k][v] = pair_pos(t->ts[v], k);
     }
     // The low nibble of S takes the first popcount(S_lo) signs; the high nibble the last
     // popcount(S_hi) ones, which are the top bits of the sign byte shifted by max(n - 4, 0).
@@ -99,11 +102,8 @@ std::unique_ptr<NMTables> build(int n, int m) {
     }
   } else {
     t->jmask = static_cast<uint8_t>(((1u << wi) - 1) << n);
-    for (uint32_t v = 0; v < 16 && m == 4; ++v) {  // pair_pos of m = 4: S -> 2 * column of its k-th kept weight
-      for (int k = 0, col = 0; k < 4; ++k, ++col) {
-        while (col < 4 && !(v >> col & 1)) ++col;
-        t->pair_pos[k][v] = static_cast<uint8_t>(col < 4 ? 2 * col : 0);
-      }
+    for (uint32_t v = 0; v < 16 && m == 4; ++v) {  // m = 4: indexed by S itself
+      for (int k = 0; k < 4; ++k) t->pair_pos[k][v] = pair_pos(v, k);
     }
     for (uint32_t v = 0; v < 64; ++v) {
       const uint32_t d = t->joint[v & ((1u << t->joint_bits) - 1)];

@@ -13,6 +13,8 @@
 //   pair_write:       acc + bias -> bf16 outputs
 #include <immintrin.h>
 
+#include <algorithm>
+
 #include "kernels.h"
 
 #pragma GCC push_options
@@ -91,12 +93,12 @@ void pair_weights(const NMTables& t, const PairWeightsArgs& a) {
       signs = _mm512_or_si512(_mm512_and_si512(s[0], nmask), _mm512_slli_epi16(_mm512_and_si512(s[1], nmask), t.n));
       const __m512i eight = _mm512_set1_epi8(8);
       for (int k = 0; k < 4; ++k) {
-        const int h = k / t.n < 2 ? k / t.n : 1, j = k - h * t.n;
+        const int h = std::min(k / t.n, 1), j = k - h * t.n;
         pos[k] = j < t.n ? _mm512_permutexvar_epi8(S[h], tp[j][0]) : _mm512_setzero_si512();
         if (h == 1) pos[k] = _mm512_add_epi8(pos[k], eight);
       }
     }
-    const uint16_t* wb = a.w + ((a.g_abs + g) / a.gpb - a.blk0) * 2 * kTileRows;
+    const uint16_t* wb = a.w + (a.g_abs + g) / a.gpb * 2 * kTileRows;
     for (int rb0 = a.rb0; rb0 < a.rb1; rb0 += 2) {
       store_unit(pos, signs, kept, wb, t, a.out + g / gpu * kPairUnitBytes, block_bytes, rb0);
     }
@@ -116,7 +118,6 @@ void pair_activations(const uint16_t* x, int64_t ldx, int64_t nb, int64_t units,
 
 namespace {
 
-// Two row blocks (32 rows) and T batch rows: acc[b][0:32] of the row blocks += their products over `units`.
 // The activations of unit u of a batch row in every 128-bit lane: from pair_activations (Spread: one load) or from x
 // itself (a broadcast, which costs a shuffle-port operation).
 template <bool Spread>
@@ -125,6 +126,7 @@ inline __m512i unit_activations(const uint16_t* x, int64_t u) {
   return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + u * 8)));
 }
 
+// Two row blocks (32 rows) and T batch rows: acc[b][0:32] of the row blocks += their products over `units`.
 template <int T, bool Spread>
 inline void pair_block(const uint16_t* xe, int64_t ldx, const uint8_t* w0, const uint8_t* w1, int64_t units,
                        float* acc) {

@@ -261,7 +261,8 @@ def test_pair_kernels_on_every_kept_set_and_sign_pattern(n, m):
 
 @pytest.mark.skipif(not pairs_run(), reason="the pair kernels need AVX-512 with bf16 dot products")
 def test_pair_kernels_many_tiles_chunks_and_batch_blocks():
-    # 18 row tiles (3 items of up to 8), 257 units (9 chunks of up to 32), 133 rows (a block of 128 and 5 more)
+    # 18 row tiles (36 halves: items that start and end inside a tile), 257 units (9 chunks of up to 32), 133 rows
+    # (a block of 128 and 5 more); 1100 rows and 2056 columns: the activations spread beforehand
     n, m, out, k = 4, 8, 1100, 2056
     codes, alpha, mu = random_weight(out, k, n, m, 64, torch.bfloat16, 11)
     x = torch.randn(133, k, dtype=torch.bfloat16)
