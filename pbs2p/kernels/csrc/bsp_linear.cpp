@@ -10,7 +10,9 @@
 //     for each K-chunk (its tables fit in L2): for each tile of the item:
 //       for each 32 groups: decode D once, then lookups for up to 8 batch rows at a time
 //
-// A tile's outputs accumulate in fp32 across chunks and are written (+ bias, cast) at the end.
+// A tile's outputs accumulate in fp32 across chunks and are written (+ bias, cast) at the end. One batch row on
+// AVX-512 (m = 4, 8) takes batch1_pass instead: one parallel region, each thread with tables of its own, decode
+// and lookup fused.
 //
 // Pair path (bfloat16 activations from pair_min_batch rows on AVX-512 CPUs with bf16 dot products, patterns that
 // keep at most 4 of every 8 columns): bf16 dot products on the kept weights only, see pair_kernels.cpp.
@@ -233,19 +235,96 @@ inline void prefetch(const uint8_t* p, int64_t bytes) {
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
 }
 
-// The AVX-512 kernels for one batch row of N:8 weights, which read each group's kept sum by idx (the others
-// add two nibble lookups per row): bfloat16 activations on CPUs with bf16 dot products take bf16 tables (rounded
-// once, within the bf16 contract of pbs2p.kernels.ops.TOLERANCE), the others float32 tables. Measured on Zen 5,
-// 2 threads, calls alternating with the nibble kernels in one process: 4096 x 4096 1.22x (bf16) and 1.03-1.09x
-// (float32) their speed, 11008 x 4096 1.69-1.74x and 1.18-1.20x; SmolLM2's float32 shapes 1.01-1.07x.
-enum class Batch1 { kNone, kIdx, kIdxBf16 };
+// The AVX-512 kernels for one batch row (batch1_pass). N:8 weights take the kernels that read each group's kept
+// sum by idx (the others add two nibble lookups per row): bfloat16 activations on CPUs with bf16 dot products take
+// bf16 tables (rounded once, within the bf16 contract of pbs2p.kernels.ops.TOLERANCE), the others float32 tables.
+// Measured on Zen 5, 2 threads, calls alternating with the nibble kernels in one process: 4096 x 4096 1.22x (bf16)
+// and 1.03-1.09x (float32) their speed, 11008 x 4096 1.69-1.74x and 1.18-1.20x; SmolLM2's float32 shapes
+// 1.01-1.07x. N:4 weights take the nibble kernel with decode and lookup fused (no D buffer).
+enum class Batch1 { kNone, kNibbles, kIdx, kIdxBf16 };
 
 Batch1 batch1_kernel(const Problem& p, int64_t nb) {
   static const bool bf16_dot = __builtin_cpu_supports("avx512bf16");
-  if (nb != 1 || p.isa != kAvx512 || p.t->m != 8) return Batch1::kNone;
+  if (nb != 1 || p.isa != kAvx512) return Batch1::kNone;
+  if (p.t->m == 4) return Batch1::kNibbles;
+  if (p.t->m != 8) return Batch1::kNone;
   return p.x_bf16 && bf16_dot ? Batch1::kIdxBf16 : Batch1::kIdx;
 }
 
+// y[0] = x[0] @ W_hat.T + bias with a Batch1 kernel, in one parallel region. Every worker builds all of the
+// tables into a buffer of its own (a few microseconds for 4096 columns), so no thread waits for another's tables
+// and no table line moves between cores; it then claims runs of row tiles, about two per thread (long runs of
+// contiguous codes; a thread that falls behind still leaves work to the other). The kernels prefetch, group by
+// group, the codes of the same groups one tile on (45 KB ahead at 4096 columns, 4:8), so that the codes, cold in
+// a model, stream in while the arithmetic runs; a K-chunk (all of K up to 5632 columns with bf16 tables, 3072
+// with float32 ones) goes through the item's tiles before the next. Measured on Zen 4 (2 vCPUs), medians of calls
+// alternating with dense F.linear in one process, against the previous driver (tables shared by the threads,
+// built in a parallel region of their own; bursts of 32 groups, each prefetching the next): bf16 4096 x 4096
+// 0.25-0.28 ms instead of 0.29-0.33, 11008 x 4096 0.73 instead of 0.92, 4096 x 11008 0.68 instead of 0.80;
+// float32 4096 x 4096 0.30 instead of 0.35; SmolLM2's shapes (one thread) 1.04-1.2x. Then group by group instead
+// of a whole tile at once before it: 4096 x 4096 0.26-0.30 instead of 0.32-0.36, 11008 x 4096 0.60 instead of 0.76.
+template <typename T>
+void batch1_pass(const Problem& p, const void* x, Batch1 b1, T* y) {
+  const NMTables& t = *p.t;
+  const int64_t G = p.G, bb = t.block_bytes;
+  const int64_t tf = b1 == Batch1::kIdxBf16 ? avx512::kIdxBf16TableFloats
+                     : b1 == Batch1::kIdx   ? avx512::kIdxTableFloats
+                                            : p.ops.table_floats(t.m);
+  int64_t gc = std::max<int64_t>(kTableBytesPerChunk / (tf * 4), kGroupsPerDecode);
+  gc = gc >= G ? G : gc / kGroupsPerDecode * kGroupsPerDecode;
+  const int64_t tiles_per_item = std::max<int64_t>(1, p.tiles / (2 * p.threads));
+  const int64_t items = (p.tiles + tiles_per_item - 1) / tiles_per_item;
+  parallel_workers(items, p.threads, [&](ItemQueue& queue) {
+    static thread_local Scratch<float> tscratch, sscratch, ascratch;
+    int64_t item;
+    if (!queue.next(item)) return;
+    prefetch(p.codes + item * tiles_per_item * G * bb, gc * bb);  // the first tile's codes, while the tables build
+    float* tables = tscratch.get(G * tf);
+    switch (b1) {
+      case Batch1::kIdxBf16:
+        avx512::build_tables_bf16(t, static_cast<const uint16_t*>(x), 0, G, reinterpret_cast<uint8_t*>(tables));
+        break;
+      case Batch1::kIdx: avx512::build_tables_idx(t, x, p.x_bf16, 0, G, tables); break;
+      default: p.ops.build_tables(x, p.x_bf16, p.K, 1, t.m, 0, G, tables);
+    }
+    float* acc = ascratch.get(tiles_per_item * kTileRows);
+    do {
+      const int64_t tile0 = item * tiles_per_item, tile1 = std::min(p.tiles, tile0 + tiles_per_item);
+      std::fill(acc, acc + (tile1 - tile0) * kTileRows, 0.0f);
+      for (int64_t c0 = 0; c0 < G; c0 += gc) {
+        const int64_t c1 = std::min(G, c0 + gc), blk_a = c0 / p.gpb, blk_b = (c1 - 1) / p.gpb;
+        float* sbuf = sscratch.get((blk_b - blk_a + 1) * 2 * kTileRows);
+        for (int64_t tile = tile0; tile < tile1; ++tile) {
+          prepare_scales(p, tile, blk_a, blk_b, sbuf);
+          LookupArgs a;
+          a.D = nullptr;
+          a.ng = c1 - c0;
+          a.tables = tables + c0 * tf;
+          a.table_stride = tf;
+          a.nb = 1;
+          a.nib = t.nib;
+          a.scales = sbuf;
+          a.g_abs = c0;
+          a.blk0 = blk_a;
+          a.gpb = p.gpb;
+          a.acc = acc + (tile - tile0) * kTileRows;
+          // The same groups one tile on; after the item's last tile, the next chunk of its first tile.
+          const int64_t next = tile + 1 < tile1 || c1 == G ? (tile + 1) * G + c0 : tile0 * G + c1;
+          a.prefetch = next < p.tiles * G ? p.codes + next * bb : nullptr;
+          const uint8_t* blocks = p.codes + (tile * G + c0) * bb;
+          switch (b1) {
+            case Batch1::kIdxBf16: avx512::decode_lookup1_bf16(t, blocks, a); break;
+            case Batch1::kIdx: avx512::decode_lookup1_idx(t, blocks, a); break;
+            default: avx512::decode_lookup1(t, blocks, a);
+          }
+        }
+      }
+      for (int64_t tile = tile0; tile < tile1; ++tile) {
+        write_tile(acc + (tile - tile0) * kTileRows, 1, p.out, tile, p.bias, y);
+      }
+    } while (queue.next(item));
+  });
+}
 
 // Buffers of the calling thread (the other threads only read and write them during its call).
 Scratch<float>& caller_tables() {
@@ -260,12 +339,9 @@ Scratch<float>& caller_accumulators() {
 // y[0:nb] = x[0:nb] @ W_hat.T + bias with the lookup-table kernels (nb <= kMaxBatchPerPass).
 template <typename T>
 void lut_pass(const Problem& p, const void* x, int64_t nb, T* y) {
+  if (const Batch1 b1 = batch1_kernel(p, nb); b1 != Batch1::kNone) return batch1_pass(p, x, b1, y);
   const NMTables& t = *p.t;
-  const Batch1 b1 = batch1_kernel(p, nb);
-  const int64_t K = p.K, G = p.G, nib = t.nib, max_nb = p.ops.max_nb;
-  const int64_t tf = b1 == Batch1::kIdxBf16 ? avx512::kIdxBf16TableFloats
-                     : b1 == Batch1::kIdx   ? avx512::kIdxTableFloats
-                                            : p.ops.table_floats(t.m);
+  const int64_t K = p.K, G = p.G, max_nb = p.ops.max_nb, tf = p.ops.table_floats(t.m);
   // Tables of each block of max_nb batch rows are contiguous, [b-block][g][row][tf], so one
   // lookup call walks them with a small stride (a stride of nb * 512 bytes thrashes L1 sets).
   const int64_t bblocks = (nb + max_nb - 1) / max_nb, bblock_floats = G * std::min(max_nb, nb) * tf;
@@ -276,14 +352,6 @@ void lut_pass(const Problem& p, const void* x, int64_t nb, T* y) {
   parallel_items(bblocks * titems, p.threads, [&](int64_t i) {
     const int64_t bb = i / titems, g0 = i % titems * tgroups, g1 = std::min(G, g0 + tgroups);
     const int64_t offset = bb * max_nb * K * (p.x_bf16 ? 2 : 4);
-    if (b1 == Batch1::kIdxBf16) {
-      avx512::build_tables_bf16(t, static_cast<const uint16_t*>(x), g0, g1, reinterpret_cast<uint8_t*>(tables));
-      return;
-    }
-    if (b1 == Batch1::kIdx) {
-      avx512::build_tables_idx(t, x, p.x_bf16, g0, g1, tables);
-      return;
-    }
     p.ops.build_tables(static_cast<const char*>(x) + offset, p.x_bf16, K, std::min(max_nb, nb - bb * max_nb), t.m,
                        g0, g1, tables + bb * bblock_floats);
   });
@@ -293,10 +361,7 @@ void lut_pass(const Problem& p, const void* x, int64_t nb, T* y) {
   // busy machine every wait for a descheduled thread costs a scheduler time slice.
   int64_t gc = std::max<int64_t>(kTableBytesPerChunk / (nb * tf * 4), kGroupsPerDecode);
   gc = gc >= G ? G : gc / kGroupsPerDecode * kGroupsPerDecode;
-  // With all of K in one chunk, an item is a run of consecutive tiles, about two per thread: each thread then
-  // reads long runs of contiguous codes, which the prefetchers follow (cold weights, as in a model: 4096 x 4096
-  // batch 1 on Zen 5, 2 threads, calls alternating with dense F.linear in one process, 1.1-1.2x the speed of one
-  // tile per item), and a thread that falls behind still leaves work to the other.
+  // With all of K in one chunk, an item is a run of consecutive tiles, about two per thread, as in batch1_pass.
   const int64_t tiles_per_item = gc == G ? std::max<int64_t>(1, p.tiles / (2 * p.threads))
                                          : std::max<int64_t>(1, std::min<int64_t>(8, p.tiles / (4 * p.threads)));
   const int64_t items = (p.tiles + tiles_per_item - 1) / tiles_per_item;
@@ -314,12 +379,11 @@ void lut_pass(const Problem& p, const void* x, int64_t nb, T* y) {
         if (c0 == 0) std::fill(acc, acc + nb * kTileRows, 0.0f);
         prepare_scales(p, tile, blk_a, blk_b, sbuf);
         LookupArgs a;
-        a.nib = static_cast<int>(nib);
+        a.prefetch = nullptr;
+        a.nib = t.nib;
         a.scales = sbuf;
         a.blk0 = blk_a;
         a.gpb = p.gpb;
-        // Measured: fusing decode and lookup pays for m = 4 (short decode); m = 8 takes the idx kernels.
-        const bool fused = nb == 1 && p.isa == kAvx512 && t.m == 4;
         for (int64_t g = c0; g < c1; g += kGroupsPerDecode) {
           const uint8_t* blocks = p.codes + (tile * G + g) * t.block_bytes;
           a.ng = std::min(kGroupsPerDecode, c1 - g);
@@ -329,21 +393,6 @@ void lut_pass(const Problem& p, const void* x, int64_t nb, T* y) {
           } else if (tile + 1 < p.tiles) {  // most likely the next tile this or another thread takes
             prefetch(p.codes + ((tile + 1) * G + c0) * t.block_bytes,
                      std::min(kGroupsPerDecode, c1 - c0) * t.block_bytes);
-          }
-          if (b1 != Batch1::kNone || fused) {
-            a.D = nullptr;
-            a.tables = tables + g * tf;
-            a.table_stride = tf;
-            a.nb = 1;
-            a.acc = acc;
-            if (b1 == Batch1::kIdxBf16) {
-              avx512::decode_lookup1_bf16(t, blocks, a);
-            } else if (b1 == Batch1::kIdx) {
-              avx512::decode_lookup1_idx(t, blocks, a);
-            } else {
-              avx512::decode_lookup1(t, blocks, a);
-            }
-            continue;
           }
           p.ops.decode(t, blocks, a.ng, dbuf);
           a.D = dbuf;

@@ -61,6 +61,9 @@ struct LookupArgs {
   int64_t g_abs;          // absolute group index of D[0]
   int64_t blk0, gpb;      // first block held in `scales`; groups per scale block
   float* acc;             // [nb][64] running outputs of the tile (in/out)
+  // avx512::decode_lookup1*: codes read later, prefetched one group per decoded group (group g's block at
+  // prefetch + g * block_bytes); null: none.
+  const uint8_t* prefetch;
 };
 
 // One call of the expansion (the prefill path): writes the dense W_hat of `ng` decoded groups of one

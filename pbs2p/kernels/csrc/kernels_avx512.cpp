@@ -139,6 +139,15 @@ static void lookup_nb(const LookupArgs& a) {
   }
 }
 
+// Group g's block of the codes at a.prefetch (LookupArgs): one line, two for blocks over 64 bytes (every line
+// of the blocks is then prefetched, blocks being at most 128 bytes).
+static inline void prefetch_group(const LookupArgs& a, int64_t g, int bb) {
+  if (a.prefetch == nullptr) return;
+  const char* q = reinterpret_cast<const char*>(a.prefetch + g * bb);
+  _mm_prefetch(q, _MM_HINT_T0);
+  if (bb > 64) _mm_prefetch(q + 64, _MM_HINT_T0);
+}
+
 // Batch 1: decode and look up without storing D (m = 4 and 8; the driver calls it for m = 4, m = 8 takes the idx kernels).
 template <int M>
 static void decode_lookup1_m(const NMTables& t, const uint8_t* blocks, const LookupArgs& a) {
@@ -151,6 +160,7 @@ static void decode_lookup1_m(const NMTables& t, const uint8_t* blocks, const Loo
     for (int i = 0; i < 4; ++i) accs[i] = accp[i] = _mm512_setzero_ps();
     for (; g < gend; ++g) {
       __m512i S, P;
+      prefetch_group(a, g, c.bb);
       decode_block<M>(c, blocks + g * c.bb, S, P);
       const float* tg = a.tables + g * a.table_stride;
       for (int i = 0; i < 4; ++i) {
@@ -279,6 +289,7 @@ static void decode_lookup1_idx_n(const NMTables& t, const uint8_t* blocks, const
     for (int k = 0; k < 4; ++k) sums[k] = pos[k] = _mm512_setzero_ps();
     for (; g < gend; ++g) {
       __m512i idx, plo, phi;
+      prefetch_group(a, g, c.bb);
       decode_idx<N4>(d, blocks + g * c.bb, idx, plo, phi);
       const float* tg = a.tables + g * a.table_stride;
       __m512i bytes[4];
@@ -371,6 +382,7 @@ static void decode_lookup1_bf16_n(const NMTables& t, const uint8_t* blocks, cons
     __m512 e0 = _mm512_setzero_ps(), o0 = e0, e1 = e0, o1 = e0, p0 = e0, p1 = e0, p2 = e0, p3 = e0;
     for (; g < gend; ++g) {
       __m512i idx, Plo, Phi;
+      prefetch_group(a, g, c.bb);
       decode_idx<N4>(d, blocks + g * c.bb, idx, Plo, Phi);
       const uint8_t* tg = tables + g * stride;
       const __m512i lo = _mm512_permutex2var_epi8(_mm512_loadu_si512(tg), idx, _mm512_loadu_si512(tg + 64));
