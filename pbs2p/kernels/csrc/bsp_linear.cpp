@@ -227,6 +227,13 @@ void prepare_scales(const Problem& p, int64_t tile, int64_t blk_a, int64_t blk_b
   }
 }
 
+// Groups per K-chunk whose tables (`table_floats` floats per group) fit in kTableBytesPerChunk: all G groups, or
+// a multiple of kGroupsPerDecode.
+int64_t chunk_groups(int64_t G, int64_t table_floats) {
+  const int64_t gc = std::max<int64_t>(kTableBytesPerChunk / (table_floats * 4), kGroupsPerDecode);
+  return gc >= G ? G : gc / kGroupsPerDecode * kGroupsPerDecode;
+}
+
 // Codes are read in bursts (decode, then lookups with no memory traffic): without a hint the
 // hardware prefetcher stops at each burst's end, and cold weights (the usual case in a model)
 // arrive at a fraction of the memory bandwidth. Each burst prefetches the next one (measured
@@ -270,8 +277,7 @@ void batch1_pass(const Problem& p, const void* x, Batch1 b1, T* y) {
   const int64_t tf = b1 == Batch1::kIdxBf16 ? avx512::kIdxBf16TableFloats
                      : b1 == Batch1::kIdx   ? avx512::kIdxTableFloats
                                             : p.ops.table_floats(t.m);
-  int64_t gc = std::max<int64_t>(kTableBytesPerChunk / (tf * 4), kGroupsPerDecode);
-  gc = gc >= G ? G : gc / kGroupsPerDecode * kGroupsPerDecode;
+  const int64_t gc = chunk_groups(G, tf);
   const int64_t tiles_per_item = std::max<int64_t>(1, p.tiles / (2 * p.threads));
   const int64_t items = (p.tiles + tiles_per_item - 1) / tiles_per_item;
   parallel_workers(items, p.threads, [&](ItemQueue& queue) {
@@ -294,19 +300,19 @@ void batch1_pass(const Problem& p, const void* x, Batch1 b1, T* y) {
       for (int64_t c0 = 0; c0 < G; c0 += gc) {
         const int64_t c1 = std::min(G, c0 + gc), blk_a = c0 / p.gpb, blk_b = (c1 - 1) / p.gpb;
         float* sbuf = sscratch.get((blk_b - blk_a + 1) * 2 * kTileRows);
+        LookupArgs a;
+        a.D = nullptr;
+        a.ng = c1 - c0;
+        a.tables = tables + c0 * tf;
+        a.table_stride = tf;
+        a.nb = 1;
+        a.nib = t.nib;
+        a.scales = sbuf;
+        a.g_abs = c0;
+        a.blk0 = blk_a;
+        a.gpb = p.gpb;
         for (int64_t tile = tile0; tile < tile1; ++tile) {
           prepare_scales(p, tile, blk_a, blk_b, sbuf);
-          LookupArgs a;
-          a.D = nullptr;
-          a.ng = c1 - c0;
-          a.tables = tables + c0 * tf;
-          a.table_stride = tf;
-          a.nb = 1;
-          a.nib = t.nib;
-          a.scales = sbuf;
-          a.g_abs = c0;
-          a.blk0 = blk_a;
-          a.gpb = p.gpb;
           a.acc = acc + (tile - tile0) * kTileRows;
           // The same groups one tile on; after the item's last tile, the next chunk of its first tile.
           const int64_t next = tile + 1 < tile1 || c1 == G ? (tile + 1) * G + c0 : tile0 * G + c1;
@@ -359,8 +365,7 @@ void lut_pass(const Problem& p, const void* x, int64_t nb, T* y) {
   // K-chunks whose tables (all nb rows) fit in L2; an item is a few tiles that go through the
   // chunks together, so each chunk's tables serve them all. One synchronisation per pass: on a
   // busy machine every wait for a descheduled thread costs a scheduler time slice.
-  int64_t gc = std::max<int64_t>(kTableBytesPerChunk / (nb * tf * 4), kGroupsPerDecode);
-  gc = gc >= G ? G : gc / kGroupsPerDecode * kGroupsPerDecode;
+  const int64_t gc = chunk_groups(G, nb * tf);
   // With all of K in one chunk, an item is a run of consecutive tiles, about two per thread, as in batch1_pass.
   const int64_t tiles_per_item = gc == G ? std::max<int64_t>(1, p.tiles / (2 * p.threads))
                                          : std::max<int64_t>(1, std::min<int64_t>(8, p.tiles / (4 * p.threads)));
@@ -379,7 +384,6 @@ void lut_pass(const Problem& p, const void* x, int64_t nb, T* y) {
         if (c0 == 0) std::fill(acc, acc + nb * kTileRows, 0.0f);
         prepare_scales(p, tile, blk_a, blk_b, sbuf);
         LookupArgs a;
-        a.prefetch = nullptr;
         a.nib = t.nib;
         a.scales = sbuf;
         a.blk0 = blk_a;

@@ -63,7 +63,7 @@ struct LookupArgs {
   float* acc;             // [nb][64] running outputs of the tile (in/out)
   // avx512::decode_lookup1*: codes read later, prefetched one group per decoded group (group g's block at
   // prefetch + g * block_bytes); null: none.
-  const uint8_t* prefetch;
+  const uint8_t* prefetch = nullptr;
 };
 
 // One call of the expansion (the prefill path): writes the dense W_hat of `ng` decoded groups of one
