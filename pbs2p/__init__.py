@@ -13,6 +13,7 @@ from . import interop
 from .config import PBS2P
 from .embeddings import EmbeddingsReport, int8_embeddings_
 from .generation import Generation, Generator, generate
+from .kernels.fusion import FusePackedLinears
 from .pipeline import CFS, CalibrationResult, Checkpoint, ScaleTuning, calibrate, calibration_tokens
 from .quantize import ConversionReport, compress_weight, conversion_report, quantize_
 from .tensor import BinarySparseTensor
@@ -29,6 +30,7 @@ __all__ = [
     "Checkpoint",
     "ConversionReport",
     "EmbeddingsReport",
+    "FusePackedLinears",
     "Generation",
     "Generator",
     "ScaleTuning",

@@ -211,6 +211,7 @@ def _register() -> None:
     torch.library.register_fake("pbs2p::bsp_linear")(_fake_bsp_linear)
     torch.library.register_autograd("pbs2p::bsp_linear", _backward_bsp_linear, setup_context=_setup_bsp_linear)
     torch.library.register_fake("pbs2p::int8_rows_linear")(_fake_int8_rows_linear)
+    torch.library.register_fake("pbs2p::bsp_linear_multi")(_fake_bsp_linear_multi)
 
 
 @functools.cache
@@ -248,6 +249,10 @@ def build_seconds() -> float | None:
 def _fake_bsp_linear(x, codes, alpha, mu, bias, n, m, scale_block):  # noqa: ANN001, ANN202
     torch._check(x.shape[-1] == codes.shape[1] * m, lambda: "in_features do not match codes")
     return x.new_empty((*x.shape[:-1], alpha.shape[0]))
+
+
+def _fake_bsp_linear_multi(x, codes, alpha, mu, n, m, scale_block):  # noqa: ANN001, ANN202
+    return [_fake_bsp_linear(x, c, a, u, None, n, m, scale_block) for c, a, u in zip(codes, alpha, mu, strict=True)]
 
 
 def _fake_int8_rows_linear(x, q, scale):  # noqa: ANN001, ANN202

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import types
 
 import pytest
 import torch
@@ -87,6 +88,55 @@ def test_generators_of_different_models_do_not_share_compiled_steps():
     assert first == generate(a, ids, 8, compile=False).tokens
     assert second == generate(b, ids, 8, compile=False).tokens
     assert first != second  # the two models disagree, so sharing would show
+
+
+def test_compiled_step_fuses_the_packed_linears_of_one_input():
+    """q, k, v and gate, up read one normalized state each: two ``bsp_linear_multi`` calls and two single calls
+    (o_proj, down_proj) per layer."""
+    model = packed_llama()
+    gen = Generator(model, 16, compile=True)
+    ids = torch.tensor([[5, 17, 3, 40]])
+    gen(ids, 3)
+    with torch.profiler.profile() as prof:
+        gen(ids, 2)  # the prefill (eager) and one compiled step
+    calls = {e.key: e.count for e in prof.key_averages()}
+    layers = len(model.model.layers)
+    assert calls["pbs2p::bsp_linear_multi"] == 2 * layers
+    assert calls["pbs2p::bsp_linear"] == 7 * layers + 2 * layers  # the prefill's 7 per layer, the step's 2
+
+
+def test_decode_attention_reads_shared_heads_in_place_and_equals_sdpa():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from pbs2p.generation import decode_sdpa
+
+    module = types.SimpleNamespace(num_key_value_groups=3, is_causal=True, training=False)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 6, 1, 16, generator=g), torch.randn(2, 2, 9, 16, generator=g), torch.randn(2, 2, 9, 16)
+    mask = torch.rand(2, 1, 1, 9, generator=g) > 0.3
+    mask[..., 0] = True
+    for query in (q, torch.randn(2, 6, 4, 16, generator=g)):  # one position (enable_gqa), four (transformers' path)
+        m = mask.expand(2, 1, query.shape[2], 9)
+        got, _ = decode_sdpa(module, query, k, v, m, dropout=0.0, scaling=0.3)
+        expected, _ = sdpa_attention_forward(module, query, k, v, m, dropout=0.0, scaling=0.3)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_attention_setting_is_restored_after_compiling_even_on_failure(monkeypatch):
+    model = packed_llama()
+    gen = Generator(model, 16, compile=True)
+    seen = []
+
+    def failing_step(ids):
+        seen.append(model.config._attn_implementation)
+        raise RuntimeError("compilation failed")
+
+    gen.step = failing_step
+    with pytest.raises(RuntimeError, match="compilation failed"):
+        gen(torch.tensor([[5, 17, 3]]), 4)
+    assert seen == ["pbs2p_decode_sdpa"] and model.config._attn_implementation == "sdpa"
+    Generator(model, 16, compile=True)(torch.tensor([[5, 17, 3]]), 4)
+    assert model.config._attn_implementation == "sdpa"
 
 
 @pytest.fixture

@@ -180,8 +180,14 @@ constexpr int64_t kExpandBytes = 64 << 20;      // W_hat expanded per GEMM call
 constexpr int64_t kTableBytesPerChunk = 256 << 10;
 constexpr int64_t kMaxBatchPerPass = 64;        // bounds the tables: 64 bytes per 4 activations per row
 // Below (about 50 us of work) a second thread costs more than it gains: SmolLM2's linears (0.2-0.6 M) on two
-// threads made its compiled decode 0.92x as fast (Zen 5, 2 cores, 12 alternating rounds).
+// threads made its compiled decode 0.92x as fast (Zen 5, 2 cores, 12 alternating rounds, the driver before
+// batch1_pass). Work = rows x groups x (batch rows + 4).
 constexpr int64_t kParallelWork = 1 << 21;
+// The same for batch1_pass (tables per thread, one parallel region): SmolLM2's gate + up (1.1 M) and down_proj
+// (0.55 M) gain from two threads, its q + k + v (0.35 M) and o_proj (0.21 M) do not. Compiled SmolLM2 4:8 decode
+// with int8 embeddings, 2 threads, Zen 4, six rounds alternating in one process with llama.cpp: 1.11x llama.cpp
+// with the threshold at 0.4 M, 1.10x at 0.2 M (all on two threads), 1.05x at 2 M (all on one).
+constexpr int64_t kParallelWorkBatch1 = 1 << 19;
 
 struct Problem {
   const NMTables* t;
@@ -258,7 +264,15 @@ Batch1 batch1_kernel(const Problem& p, int64_t nb) {
   return p.x_bf16 && bf16_dot ? Batch1::kIdxBf16 : Batch1::kIdx;
 }
 
-// y[0] = x[0] @ W_hat.T + bias with a Batch1 kernel, in one parallel region. Every worker builds all of the
+// One product of batch1_pass: its problem and its output row.
+template <typename T>
+struct Batch1Job {
+  const Problem* p;
+  T* y;
+};
+
+// y[0] = x[0] @ W_hat.T + bias of each job (products of the same x: bsp_linear_multi fuses the q, k and v
+// projections of a layer, or gate and up) with a Batch1 kernel, in one parallel region. Every worker builds all of the
 // tables into a buffer of its own (a few microseconds for 4096 columns), so no thread waits for another's tables
 // and no table line moves between cores; it then claims runs of row tiles, about two per thread (long runs of
 // contiguous codes; a thread that falls behind still leaves work to the other). The kernels prefetch, group by
@@ -270,32 +284,47 @@ Batch1 batch1_kernel(const Problem& p, int64_t nb) {
 // 0.25-0.28 ms instead of 0.29-0.33, 11008 x 4096 0.73 instead of 0.92, 4096 x 11008 0.68 instead of 0.80;
 // float32 4096 x 4096 0.30 instead of 0.35; SmolLM2's shapes (one thread) 1.04-1.2x. Then group by group instead
 // of a whole tile at once before it: 4096 x 4096 0.26-0.30 instead of 0.32-0.36, 11008 x 4096 0.60 instead of 0.76.
+// Several jobs share the tables (built once per worker) and one queue of items.
 template <typename T>
-void batch1_pass(const Problem& p, const void* x, Batch1 b1, T* y) {
-  const NMTables& t = *p.t;
-  const int64_t G = p.G, bb = t.block_bytes;
+void batch1_pass(const std::vector<Batch1Job<T>>& jobs, const void* x, Batch1 b1, int threads) {
+  const Problem& p0 = *jobs[0].p;
+  const NMTables& t = *p0.t;
+  const int64_t G = p0.G, bb = t.block_bytes;
   const int64_t tf = b1 == Batch1::kIdxBf16 ? avx512::kIdxBf16TableFloats
                      : b1 == Batch1::kIdx   ? avx512::kIdxTableFloats
-                                            : p.ops.table_floats(t.m);
+                                            : p0.ops.table_floats(t.m);
   const int64_t gc = chunk_groups(G, tf);
-  const int64_t tiles_per_item = std::max<int64_t>(1, p.tiles / (2 * p.threads));
-  const int64_t items = (p.tiles + tiles_per_item - 1) / tiles_per_item;
-  parallel_workers(items, p.threads, [&](ItemQueue& queue) {
+  // Job j's items are [first[j], first[j + 1]), runs of tiles_per_item[j] tiles.
+  std::vector<int64_t> tiles_per_item(jobs.size()), first(jobs.size() + 1, 0);
+  int64_t max_run = 1;
+  for (size_t j = 0; j < jobs.size(); ++j) {
+    const int64_t tiles = jobs[j].p->tiles;
+    tiles_per_item[j] = std::max<int64_t>(1, tiles / (2 * threads));
+    first[j + 1] = first[j] + (tiles + tiles_per_item[j] - 1) / tiles_per_item[j];
+    max_run = std::max(max_run, tiles_per_item[j]);
+  }
+  parallel_workers(first.back(), threads, [&](ItemQueue& queue) {
     static thread_local Scratch<float> tscratch, sscratch, ascratch;
     int64_t item;
     if (!queue.next(item)) return;
-    prefetch(p.codes + item * tiles_per_item * G * bb, gc * bb);  // the first tile's codes, while the tables build
+    size_t j = 0;
+    while (item >= first[j + 1]) ++j;
+    // the first tile's codes, while the tables build
+    prefetch(jobs[j].p->codes + (item - first[j]) * tiles_per_item[j] * G * bb, gc * bb);
     float* tables = tscratch.get(G * tf);
     switch (b1) {
       case Batch1::kIdxBf16:
         avx512::build_tables_bf16(t, static_cast<const uint16_t*>(x), 0, G, reinterpret_cast<uint8_t*>(tables));
         break;
-      case Batch1::kIdx: avx512::build_tables_idx(t, x, p.x_bf16, 0, G, tables); break;
-      default: p.ops.build_tables(x, p.x_bf16, p.K, 1, t.m, 0, G, tables);
+      case Batch1::kIdx: avx512::build_tables_idx(t, x, p0.x_bf16, 0, G, tables); break;
+      default: p0.ops.build_tables(x, p0.x_bf16, p0.K, 1, t.m, 0, G, tables);
     }
-    float* acc = ascratch.get(tiles_per_item * kTileRows);
+    float* acc = ascratch.get(max_run * kTileRows);
     do {
-      const int64_t tile0 = item * tiles_per_item, tile1 = std::min(p.tiles, tile0 + tiles_per_item);
+      j = 0;
+      while (item >= first[j + 1]) ++j;
+      const Problem& p = *jobs[j].p;
+      const int64_t tile0 = (item - first[j]) * tiles_per_item[j], tile1 = std::min(p.tiles, tile0 + tiles_per_item[j]);
       std::fill(acc, acc + (tile1 - tile0) * kTileRows, 0.0f);
       for (int64_t c0 = 0; c0 < G; c0 += gc) {
         const int64_t c1 = std::min(G, c0 + gc), blk_a = c0 / p.gpb, blk_b = (c1 - 1) / p.gpb;
@@ -326,7 +355,7 @@ void batch1_pass(const Problem& p, const void* x, Batch1 b1, T* y) {
         }
       }
       for (int64_t tile = tile0; tile < tile1; ++tile) {
-        write_tile(acc + (tile - tile0) * kTileRows, 1, p.out, tile, p.bias, y);
+        write_tile(acc + (tile - tile0) * kTileRows, 1, p.out, tile, p.bias, jobs[j].y);
       }
     } while (queue.next(item));
   });
@@ -345,7 +374,9 @@ Scratch<float>& caller_accumulators() {
 // y[0:nb] = x[0:nb] @ W_hat.T + bias with the lookup-table kernels (nb <= kMaxBatchPerPass).
 template <typename T>
 void lut_pass(const Problem& p, const void* x, int64_t nb, T* y) {
-  if (const Batch1 b1 = batch1_kernel(p, nb); b1 != Batch1::kNone) return batch1_pass(p, x, b1, y);
+  if (const Batch1 b1 = batch1_kernel(p, nb); b1 != Batch1::kNone) {
+    return batch1_pass(std::vector<Batch1Job<T>>{{&p, y}}, x, b1, p.threads);
+  }
   const NMTables& t = *p.t;
   const int64_t K = p.K, G = p.G, max_nb = p.ops.max_nb, tf = p.ops.table_floats(t.m);
   // Tables of each block of max_nb batch rows are contiguous, [b-block][g][row][tf], so one
@@ -669,9 +700,16 @@ std::string native_path(bool bf16, int64_t batch, int64_t n, int64_t m, int64_t 
   }
 }
 
-at::Tensor bsp_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& alpha,
-                          const at::Tensor& mu, const std::optional<at::Tensor>& bias, int64_t n, int64_t m,
-                          int64_t scale_block) {
+// One product's checked inputs: its Problem (threads not set), the tensors its pointers point into, its output y.
+struct Product {
+  Problem p;
+  at::Tensor codes, alpha, mu, bias;
+  at::Tensor y;
+};
+
+// Checks x, codes, alpha, mu, bias of one product and fills the Product (y allocated, not written).
+void prepare(Product& q, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& alpha, const at::Tensor& mu,
+             const std::optional<at::Tensor>& bias, int64_t n, int64_t m, int64_t scale_block) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "pbs2p::bsp_linear: x must be float32 or bfloat16, got ", x.scalar_type());
   TORCH_CHECK(x.dim() >= 1, "pbs2p::bsp_linear: x must have at least one dimension");
@@ -698,34 +736,25 @@ at::Tensor bsp_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at
               " expected for scale_block ", scale_block);
   TORCH_CHECK(n_blocks <= 1 || scale_block % m == 0,
               "pbs2p::bsp_linear: scale_block must be a multiple of M (or >= in_features)");
-  at::Tensor bias_f;
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out && bias->device().is_cpu(),
                 "pbs2p::bsp_linear: bias must be a CPU vector of ", out, " elements");
-    bias_f = bias->to(at::kFloat).contiguous();
+    q.bias = bias->to(at::kFloat).contiguous();
   }
-
   std::vector<int64_t> out_shape = x.sizes().vec();
   out_shape.back() = out;
-  at::Tensor y = at::empty(out_shape, x.options());
-  if (y.numel() == 0) return y;
-  const int64_t B = y.numel() / out;
-  if (G == 0) {
-    y.zero_();
-    if (bias_f.defined()) y.add_(bias_f.to(y.scalar_type()));
-    return y;
+  q.y = at::empty(out_shape, x.options());
+  q.codes = codes.contiguous();
+  q.alpha = alpha.contiguous();
+  q.mu = mu.contiguous();
+  if (q.alpha.scalar_type() != q.mu.scalar_type() ||
+      !(q.alpha.scalar_type() == at::kFloat || q.alpha.scalar_type() == at::kBFloat16 ||
+        q.alpha.scalar_type() == at::kHalf)) {
+    q.alpha = q.alpha.to(at::kFloat);
+    q.mu = q.mu.to(at::kFloat);
   }
-
-  const at::Tensor codes_c = codes.contiguous();
-  at::Tensor alpha_c = alpha.contiguous(), mu_c = mu.contiguous();
-  if (alpha_c.scalar_type() != mu_c.scalar_type() ||
-      !(alpha_c.scalar_type() == at::kFloat || alpha_c.scalar_type() == at::kBFloat16 ||
-        alpha_c.scalar_type() == at::kHalf)) {
-    alpha_c = alpha_c.to(at::kFloat);
-    mu_c = mu_c.to(at::kFloat);
-  }
-
-  Problem p;
+  Problem& p = q.p;
+  p = Problem{};
   p.t = &t;
   p.isa = current_isa().load();
   p.ops = isa_ops(p.isa);
@@ -735,23 +764,46 @@ at::Tensor bsp_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at
   p.tiles = tiles;
   p.n_blocks = n_blocks;
   p.gpb = n_blocks <= 1 ? G : scale_block / m;
-  p.codes = codes_c.data_ptr<uint8_t>();
-  p.scale_type = alpha_c.scalar_type();
-  p.alpha = alpha_c.data_ptr();
-  p.mu = mu_c.data_ptr();
-  p.bias = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
-  const int64_t work = tiles * kTileRows * G * (std::min(B, kMaxBatchPerPass) + 4);
-  p.threads = work >= kParallelWork && !at::in_parallel_region() ? at::get_num_threads() : 1;
+  p.codes = q.codes.data_ptr<uint8_t>();
+  p.scale_type = q.alpha.scalar_type();
+  p.alpha = q.alpha.data_ptr();
+  p.mu = q.mu.data_ptr();
+  p.bias = q.bias.defined() ? q.bias.data_ptr<float>() : nullptr;
+  p.x_bf16 = x.scalar_type() == at::kBFloat16;
+}
 
-  const Path path = choose_path(p, x.scalar_type() == at::kBFloat16, B);
+// The work of a product of B rows.
+int64_t product_work(const Problem& p, int64_t B) {
+  return p.tiles * kTileRows * p.G * (std::min(B, kMaxBatchPerPass) + 4);
+}
+
+// Threads for `work` (one thread below kParallelWork, or kParallelWorkBatch1 on the batch1_pass kernels).
+int threads_for(int64_t work, bool batch1) {
+  const int64_t from = batch1 ? kParallelWorkBatch1 : kParallelWork;
+  return work >= from && !at::in_parallel_region() ? at::get_num_threads() : 1;
+}
+
+// The product q of x (checked by prepare) on the path choose_path gives.
+void run(Product& q, const at::Tensor& x) {
+  Problem& p = q.p;
+  at::Tensor& y = q.y;
+  if (y.numel() == 0) return;
+  const int64_t B = y.numel() / p.out;
+  if (p.G == 0) {
+    y.zero_();
+    if (q.bias.defined()) y.add_(q.bias.to(y.scalar_type()));
+    return;
+  }
+  p.threads = threads_for(product_work(p, B), batch1_kernel(p, B) != Batch1::kNone);
+  const Path path = choose_path(p, p.x_bf16, B);
   if (path != Path::kTables) {
-    at::Tensor y2d = y.view({B, out});
-    const at::Tensor x2d = x.reshape({B, K}).contiguous();
-    const at::Tensor bias_x = bias.has_value() ? bias->to(x.scalar_type()) : at::Tensor();
+    at::Tensor y2d = y.view({B, p.out});
+    const at::Tensor x2d = x.reshape({B, p.K}).contiguous();
+    const at::Tensor bias_x = q.bias.defined() ? q.bias.to(x.scalar_type()) : at::Tensor();
     if (path == Path::kPairs) {
       // the bias rounded to bf16 first, as at::linear takes it on the BLAS path
-      const at::Tensor bias_r = bias.has_value() ? bias_x.to(at::kFloat).contiguous() : at::Tensor();
-      p.bias = bias.has_value() ? bias_r.const_data_ptr<float>() : nullptr;
+      const at::Tensor bias_r = q.bias.defined() ? bias_x.to(at::kFloat).contiguous() : at::Tensor();
+      p.bias = q.bias.defined() ? bias_r.const_data_ptr<float>() : nullptr;
       pair_pass(p, static_cast<const uint16_t*>(x2d.const_data_ptr()), B,
                 reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()));
     } else if (x.scalar_type() == at::kFloat) {
@@ -759,24 +811,77 @@ at::Tensor bsp_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at
     } else {
       blas_pass<uint16_t>(p, x2d, bias_x, y2d);
     }
-    apply_nonfinite_rule(x2d, alpha_c, mu_c, y2d);
-    return y;
+    apply_nonfinite_rule(x2d, q.alpha, q.mu, y2d);
+    return;
   }
   // x itself when contiguous: no reshaped view (a tensor object per call, hundreds per decoded token)
   const at::Tensor xc = x.contiguous();
-  p.x_bf16 = x.scalar_type() == at::kBFloat16;
-  const int64_t row_bytes = K * static_cast<int64_t>(xc.element_size());
+  const int64_t row_bytes = p.K * static_cast<int64_t>(xc.element_size());
   for (int64_t b0 = 0; b0 < B; b0 += kMaxBatchPerPass) {
     const int64_t nb = std::min(kMaxBatchPerPass, B - b0);
     const char* xp = static_cast<const char*>(xc.data_ptr()) + b0 * row_bytes;
     if (y.scalar_type() == at::kFloat) {
-      lut_pass(p, xp, nb, y.data_ptr<float>() + b0 * out);
+      lut_pass(p, xp, nb, y.data_ptr<float>() + b0 * p.out);
     } else {
-      lut_pass(p, xp, nb, y.data_ptr<at::BFloat16>() + b0 * out);
+      lut_pass(p, xp, nb, y.data_ptr<at::BFloat16>() + b0 * p.out);
     }
   }
-  apply_nonfinite_rule(xc, alpha_c, mu_c, y);
-  return y;
+  apply_nonfinite_rule(xc, q.alpha, q.mu, y);
+}
+
+at::Tensor bsp_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& alpha,
+                          const at::Tensor& mu, const std::optional<at::Tensor>& bias, int64_t n, int64_t m,
+                          int64_t scale_block) {
+  Product q;
+  prepare(q, x, codes, alpha, mu, bias, n, m, scale_block);
+  run(q, x);
+  return q.y;
+}
+
+// [bsp_linear(x, codes[i], alpha[i], mu[i], None, n, m, scale_block) for each i], equal to them bit for bit. One
+// batch row on the batch1_pass kernels takes one pass for all (the tables built once, one parallel region); other
+// products run one after the other.
+std::vector<at::Tensor> bsp_linear_multi_cpu(const at::Tensor& x, at::TensorList codes, at::TensorList alpha,
+                                             at::TensorList mu, int64_t n, int64_t m, int64_t scale_block) {
+  TORCH_CHECK(!codes.empty() && alpha.size() == codes.size() && mu.size() == codes.size(),
+              "pbs2p::bsp_linear_multi: codes, alpha and mu must be lists of the same positive length, got ",
+              codes.size(), ", ", alpha.size(), ", ", mu.size());
+  std::vector<Product> qs(codes.size());
+  for (size_t i = 0; i < qs.size(); ++i) prepare(qs[i], x, codes[i], alpha[i], mu[i], std::nullopt, n, m, scale_block);
+  std::vector<at::Tensor> ys;
+  ys.reserve(qs.size());
+  const Problem& p0 = qs[0].p;
+  const int64_t B = p0.out > 0 ? qs[0].y.numel() / p0.out : 0;
+  const Batch1 b1 = B == 1 && p0.G > 0 ? batch1_kernel(p0, 1) : Batch1::kNone;
+  bool fused = b1 != Batch1::kNone;
+  int64_t work = 0;
+  for (const Product& q : qs) {
+    fused = fused && q.p.out > 0 && choose_path(q.p, q.p.x_bf16, 1) == Path::kTables;
+    work += product_work(q.p, 1);
+  }
+  if (!fused) {
+    for (Product& q : qs) {
+      run(q, x);
+      ys.push_back(q.y);
+    }
+    return ys;
+  }
+  const at::Tensor xc = x.contiguous();
+  const int threads = threads_for(work, true);
+  if (x.scalar_type() == at::kFloat) {
+    std::vector<Batch1Job<float>> jobs;
+    for (Product& q : qs) jobs.push_back({&q.p, q.y.data_ptr<float>()});
+    batch1_pass(jobs, xc.const_data_ptr(), b1, threads);
+  } else {
+    std::vector<Batch1Job<at::BFloat16>> jobs;
+    for (Product& q : qs) jobs.push_back({&q.p, q.y.data_ptr<at::BFloat16>()});
+    batch1_pass(jobs, xc.const_data_ptr(), b1, threads);
+  }
+  for (Product& q : qs) {
+    apply_nonfinite_rule(xc, q.alpha, q.mu, q.y);
+    ys.push_back(q.y);
+  }
+  return ys;
 }
 
 }  // namespace
@@ -784,6 +889,7 @@ at::Tensor bsp_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at
 
 TORCH_LIBRARY_FRAGMENT(pbs2p, lib) {
   lib.def("bsp_linear(Tensor x, Tensor codes, Tensor alpha, Tensor mu, Tensor? bias, int n, int m, int scale_block) -> Tensor");
+  lib.def("bsp_linear_multi(Tensor x, Tensor[] codes, Tensor[] alpha, Tensor[] mu, int n, int m, int scale_block) -> Tensor[]");
   lib.def("_kernel_isa() -> str", &pbs2p::kernel_isa);
   lib.def("_set_kernel_isa(str isa) -> str", &pbs2p::set_kernel_isa);
   lib.def("_supported_kernel_isas() -> str[]", &pbs2p::supported_kernel_isas);
@@ -793,4 +899,7 @@ TORCH_LIBRARY_FRAGMENT(pbs2p, lib) {
           &pbs2p::native_path);
 }
 
-TORCH_LIBRARY_IMPL(pbs2p, CPU, lib) { lib.impl("bsp_linear", &pbs2p::bsp_linear_cpu); }
+TORCH_LIBRARY_IMPL(pbs2p, CPU, lib) {
+  lib.impl("bsp_linear", &pbs2p::bsp_linear_cpu);
+  lib.impl("bsp_linear_multi", &pbs2p::bsp_linear_multi_cpu);
+}

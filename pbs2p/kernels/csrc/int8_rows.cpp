@@ -18,7 +18,11 @@ namespace pbs2p {
 namespace {
 
 constexpr int64_t kMaxGemvRows = 16;
-constexpr int64_t kRowsPerItem = 256;
+// Rows per work item: long runs of the matrix per thread. Measured on Zen 4 (2 vCPUs), 49,152 x 576, caches
+// flushed before each call, medians of 35 calls alternating in one process, three runs: 2048 rows 1.77 / 1.31 /
+// 2.31 ms against 1.96 / 1.50 / 2.43 with 256 (the machine's speed drifts between runs); 1024 and 4096 rows as
+// 2048; one half of the matrix per thread 2.48 (first run).
+constexpr int64_t kRowsPerItem = 2048;
 constexpr int64_t kChunkRows = 4096;
 constexpr int64_t kParallelWork = 1 << 16;
 
