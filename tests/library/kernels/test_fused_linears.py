@@ -86,9 +86,10 @@ def test_large_products_on_several_threads_equal_the_separate_calls(dtype):
 
 def test_non_finite_inputs_follow_the_rule_of_each_product():
     ws = weights([70, 30], 64, 4, 8, 64, 1)
-    x = torch.randn(1, 64)
-    x[0, 5] = float("nan")
-    assert all(y.isnan().all() for y in fused(x, ws, 4, 8, 64))
+    for bad in (float("nan"), float("inf"), -float("inf")):  # any of them makes every output of the row NaN
+        x = torch.randn(1, 64)
+        x[0, 5] = bad
+        assert all(y.isnan().all() for y in fused(x, ws, 4, 8, 64)), bad
     c, a, u = ws[1]
     a = a.clone()
     a[3, 0] = float("inf")
@@ -139,6 +140,32 @@ def test_the_pass_fuses_the_calls_on_the_same_input_only():
         assert count(graph.graph, "bsp_linear_multi") == 2 and count(graph.graph, "bsp_linear") == 3
         assert torch.equal(graph(x), expected)
         assert fuse_packed_linears(graph.graph) == 0  # nothing left to fuse
+
+
+def test_a_weight_shared_by_two_groups_is_defined_before_both():
+    # w multiplies x (with q) and later h (with u), and its constants are first used after u's call: moved up for
+    # the first group, they must not move down again for the second
+    q, u, w = packed_linear(64, 64), packed_linear(64, 32), packed_linear(64, 32)
+
+    def f(x):
+        h = q(x) * 2
+        a, b = u(h), w(h)
+        return a + b + w(x)
+
+    x = torch.randn(1, 64)
+    with torch.inference_mode():
+        expected = f(x)
+        graph = make_fx(f)(x)
+        single = torch.ops.pbs2p.bsp_linear.default
+        calls = [n for n in graph.graph.nodes if n.op == "call_function" and n.target == single]
+        # make_fx gives each use its own constant nodes: let w(x) read those of w(h), as a compiled graph would
+        for late, early in zip(calls[3].args[1:4], calls[2].args[1:4], strict=True):
+            calls[3].replace_input_with(late, early)
+            graph.graph.erase_node(late)
+        assert fuse_packed_linears(graph.graph) == 4
+        graph.graph.lint()
+        graph.recompile()
+        assert torch.equal(graph(x), expected)
 
 
 def test_the_pass_leaves_graphs_without_packed_linears_alone():
