@@ -29,6 +29,16 @@ their shapes and dtypes) the model holds, and compiles the step again when that 
 (a module's settings, the config) are not checked (make a new generator after changing them). Changing weight
 values in place needs no recompilation (they are the compiled step's inputs). Each generator compiles its own
 copy of the step's code, so generators of different models never share compiled code.
+
+Direct calls. Even without those guards, each call of the compiled step runs Dynamo's code around the compiled
+graph: the remaining guards, then a walk over the model's attributes that gathers the graph's inputs (every
+weight, hundreds for a model) and the unpacking of the packed weights, about 0.8 ms per SmolLM2 token. The step is
+compiled with :class:`DirectStep`, Inductor with a record of the graph's calls: when two consecutive steps
+called the same graph with the same input objects except the token, and the graph's one output was the step's
+result, the generator calls the graph itself from then on, with those inputs and the new token (the weights and
+the cache are the same tensors from step to step, updated in place). That assumes what the guards above assume,
+and that the step has no effect outside its tensors (none in transformers' decoder models with a static cache);
+a change of the model's record compiles again and goes through Dynamo until two calls allow the direct ones.
 """
 
 from __future__ import annotations
@@ -115,9 +125,10 @@ def _register_decode_attention() -> None:
 @contextlib.contextmanager
 def decode_attention(model: torch.nn.Module) -> Iterator[None]:
     """While the decode step compiles: a model on transformers' ``sdpa`` attention uses :func:`decode_sdpa`
-    (``config._attn_implementation`` set back afterwards; the compiled step keeps what it traced)."""
+    (``config._attn_implementation`` set back afterwards; the compiled step keeps what it traced). Configs with
+    sub-configs (multimodal models, whose parts may use other attentions) are left as they are."""
     config = getattr(model, "config", None)
-    if getattr(config, "_attn_implementation", None) != "sdpa":
+    if getattr(config, "_attn_implementation", None) != "sdpa" or getattr(config, "sub_configs", None):
         yield
         return
     _register_decode_attention()
@@ -127,9 +138,49 @@ def decode_attention(model: torch.nn.Module) -> Iterator[None]:
     finally:
         config._attn_implementation = "sdpa"
 
+
 #: Added to :data:`STEP_OPTIONS` by ``Generator(..., cpp_wrapper=True)``: the step's host code in C++, built apart
 #: from the kernels (a shorter build of the wrapper).
 CPP_WRAPPER_OPTIONS = types.MappingProxyType({"cpp_wrapper": True, "cpp_wrapper_build_separate": True})
+
+
+class DirectStep:
+    """The Inductor backend of a :class:`Generator`'s step: compiles the graph Dynamo captured with Inductor
+    (``options``: Inductor settings) and keeps, for the graph's calls made through Dynamo, the compiled graph, its
+    inputs and its outputs, so that the generator can call the graph itself (see Direct calls in
+    :mod:`pbs2p.generation`)."""
+
+    def __init__(self, options: dict) -> None:
+        self.options, self.graph, self.calls = options, None, []
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        from torch._inductor.compile_fx import compile_fx
+
+        compiled = compile_fx(gm, example_inputs, config_patches=self.options)
+        self.graph, self.calls = compiled, []
+
+        def run(*args: object) -> object:
+            outputs = compiled(*args)
+            self.calls = [*self.calls[-1:], (list(args), outputs)]  # the last two calls
+            return outputs
+
+        return run
+
+    def direct(self, step_inputs: list[torch.Tensor], step_outputs: list[torch.Tensor]) -> tuple | None:
+        """``(graph, inputs, k)`` when the last two calls went to the same graph with the same inputs, object for
+        object, except input ``k``, which was the step's input (``step_inputs``, one per call) both times, and each
+        returned exactly the step's output (``step_outputs``); ``None`` otherwise."""
+        if len(self.calls) < 2 or len(step_inputs) < 2:
+            return None
+        (a, out_a), (b, out_b) = self.calls
+        if len(a) != len(b) or any(len(o) != 1 for o in (out_a, out_b)):
+            return None
+        if out_a[0] is not step_outputs[-2] or out_b[0] is not step_outputs[-1]:
+            return None
+        changed = [i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x is not y]
+        if len(changed) != 1 or a[changed[0]] is not step_inputs[-2] or b[changed[0]] is not step_inputs[-1]:
+            return None
+        return self.graph, b, changed[0]
 
 
 @dataclass(frozen=True)
@@ -202,7 +253,25 @@ class Generator:
         forward = types.FunctionType(code.replace(co_name=f"{code.co_name}_{id(self):x}"), globals())
         # a copy of the options: torch.compile takes guard_filter_fn out of the dict it is given
         options = dict(STEP_OPTIONS, **(CPP_WRAPPER_OPTIONS if self.cpp_wrapper else {}))
-        return torch.compile(types.MethodType(forward, self), fullgraph=True, options=options)
+        self._backend = DirectStep({k: v for k, v in options.items() if k != "guard_filter_fn"})
+        self._direct, self._seen = None, ([], [])
+        return torch.compile(types.MethodType(forward, self), fullgraph=True, backend=self._backend,
+                             options={"guard_filter_fn": options["guard_filter_fn"]})
+
+    def _compiled_call(self, token: torch.Tensor) -> torch.Tensor:
+        """One compiled step: the graph called directly once that is known to be safe, through Dynamo before."""
+        if self._direct is not None:
+            graph, inputs, k = self._direct
+            inputs[k] = token
+            return graph(*inputs)[0]
+        out = self.step(token)
+        if self._warm:  # compiled already: record the call, and go direct after two that allow it
+            ins, outs = self._seen
+            ins.append(token)
+            outs.append(out)
+            del ins[:-2], outs[:-2]
+            self._direct = self._backend.direct(ins, outs)
+        return out
 
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:
         # the cache places the new keys after the ones it holds and the model takes the positions from it
@@ -238,11 +307,13 @@ class Generator:
             if eos_token_id is not None and tokens[-1] == eos_token_id:
                 break
             start = time.perf_counter()
-            if self.compiled and not self._warm:
+            if not self.compiled:
+                token = self.step(token)
+            elif not self._warm:
                 with decode_attention(self.model):  # traced into the step
                     token = self.step(token)
             else:
-                token = self.step(token)
+                token = self._compiled_call(token)
             tokens.append(int(token))
             if self.compiled and not self._warm:
                 compile_s, self._warm = time.perf_counter() - start, True

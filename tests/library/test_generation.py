@@ -105,6 +105,31 @@ def test_compiled_step_fuses_the_packed_linears_of_one_input():
     assert calls["pbs2p::bsp_linear"] == 7 * layers + 2 * layers  # the prefill's 7 per layer, the step's 2
 
 
+def test_steps_call_the_graph_directly_after_two_checked_calls():
+    model = packed_llama()
+    ids = torch.tensor([[5, 17, 3, 40]])
+    gen = Generator(model, 24, compile=True)
+    assert gen(ids, 3).tokens == generate(model, ids, 3, compile=False).tokens
+    assert gen._direct is None  # one step after the compiling one: not yet checked
+    first = gen(ids, 8)
+    assert gen._direct is not None and first.tokens == generate(model, ids, 8, compile=False).tokens
+    dynamo_calls = []
+    step = gen.step
+    gen.step = lambda token: dynamo_calls.append(token) or step(token)
+    other = torch.tensor([[9, 1, 33]])
+    assert gen(other, 10).tokens == generate(model, other, 10, compile=False).tokens
+    assert dynamo_calls == []  # every step called the graph itself
+    before = gen(other, 10).tokens
+    with torch.no_grad():  # values changed in place (a norm, a packed weight's scales): read by the direct calls
+        model.model.norm.weight.mul_(-1)  # the logits change sign
+        model.model.layers[0].self_attn.q_proj.weight.scale.mul_(4)
+    assert gen(other, 10).tokens != before
+    assert gen(other, 10).tokens == generate(model, other, 10, compile=False).tokens
+    model.model.layers[1].mlp = copy.deepcopy(model.model.layers[1].mlp)  # new modules: compiled again
+    again = gen(other, 10)
+    assert again.compile_s > 0 and again.tokens == generate(model, other, 10, compile=False).tokens
+
+
 def test_decode_attention_reads_shared_heads_in_place_and_equals_sdpa():
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -200,9 +225,10 @@ def test_cpp_wrapper_step_gives_the_eager_tokens(compile_options):
     ids = torch.tensor([[5, 17, 3, 40]])
     model = packed_llama()
     int8_embeddings_(model)
-    out = generate(model, ids, 6, cpp_wrapper=True)
+    gen = Generator(model, 16, cpp_wrapper=True)
+    out = gen(ids, 6)
     assert out.tokens == generate(model, ids, 6, compile=False).tokens and out.compile_s > 0
-    assert compile_options[-1]["cpp_wrapper"] is True
+    assert gen._backend.options["cpp_wrapper"] is True  # Inductor's settings, given to the step's backend
     assert compile_options[-1]["guard_filter_fn"] is without_model_guards
     with pytest.raises(ValueError, match="needs compile=True"):
         Generator(model, 16, compile=False, cpp_wrapper=True)
