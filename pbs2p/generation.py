@@ -170,19 +170,19 @@ class DirectStep:
 
         return run
 
-    def direct(self, step_inputs: list[torch.Tensor], step_outputs: list[torch.Tensor]) -> tuple | None:
-        """``(graph, inputs, k)`` when the last two calls went to the same graph with the same inputs, object for
-        object, except input ``k``, which was the step's input (``step_inputs``, one per call) both times, and each
-        returned exactly the step's output (``step_outputs``); ``None`` otherwise."""
-        if len(self.calls) < 2 or len(step_inputs) < 2:
+    def direct(self, previous: tuple, current: tuple) -> tuple | None:
+        """``(graph, inputs, k)`` when the last two calls of the graph were the steps ``previous`` and ``current``
+        (each ``(input, output)`` of the step): the same input objects but input ``k``, which was the step's input
+        both times, and exactly one output, the step's; ``None`` otherwise."""
+        if len(self.calls) < 2:
             return None
         (a, out_a), (b, out_b) = self.calls
-        if len(a) != len(b) or any(len(o) != 1 for o in (out_a, out_b)):
+        if len(a) != len(b) or len(out_a) != 1 or len(out_b) != 1:
             return None
-        if out_a[0] is not step_outputs[-2] or out_b[0] is not step_outputs[-1]:
+        if out_a[0] is not previous[1] or out_b[0] is not current[1]:
             return None
         changed = [i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x is not y]
-        if len(changed) != 1 or a[changed[0]] is not step_inputs[-2] or b[changed[0]] is not step_inputs[-1]:
+        if len(changed) != 1 or a[changed[0]] is not previous[0] or b[changed[0]] is not current[0]:
             return None
         return self.graph, b, changed[0]
 
@@ -258,7 +258,7 @@ class Generator:
         # a copy of the options: torch.compile takes guard_filter_fn out of the dict it is given
         options = dict(STEP_OPTIONS, **(CPP_WRAPPER_OPTIONS if self.cpp_wrapper else {}))
         self._backend = DirectStep({k: v for k, v in options.items() if k != "guard_filter_fn"})
-        self._direct, self._seen = None, ([], [])
+        self._direct, self._last = None, None  # the direct call, once allowed; the last step through Dynamo
         return torch.compile(types.MethodType(forward, self), fullgraph=True, backend=self._backend,
                              options={"guard_filter_fn": options["guard_filter_fn"]})
 
@@ -269,12 +269,9 @@ class Generator:
             inputs[k] = token
             return graph(*inputs)[0]
         out = self.step(token)
-        if self._warm:  # compiled already: record the call, and go direct after two that allow it
-            ins, outs = self._seen
-            ins.append(token)
-            outs.append(out)
-            del ins[:-2], outs[:-2]
-            self._direct = self._backend.direct(ins, outs)
+        previous, self._last = self._last, (token, out)
+        if previous is not None:  # go direct after two steps that allow it
+            self._direct = self._backend.direct(previous, self._last)
         return out
 
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:

@@ -303,14 +303,18 @@ void batch1_pass(const std::vector<Batch1Job<T>>& jobs, const void* x, Batch1 b1
     first[j + 1] = first[j] + (tiles + tiles_per_item[j] - 1) / tiles_per_item[j];
     max_run = std::max(max_run, tiles_per_item[j]);
   }
+  const auto job_of = [&](int64_t item) {
+    size_t j = 0;
+    while (item >= first[j + 1]) ++j;
+    return j;
+  };
   parallel_workers(first.back(), threads, [&](ItemQueue& queue) {
     static thread_local Scratch<float> tscratch, sscratch, ascratch;
     int64_t item;
     if (!queue.next(item)) return;
-    size_t j = 0;
-    while (item >= first[j + 1]) ++j;
+    const size_t j0 = job_of(item);
     // the first tile's codes, while the tables build
-    prefetch(jobs[j].p->codes + (item - first[j]) * tiles_per_item[j] * G * bb, gc * bb);
+    prefetch(jobs[j0].p->codes + (item - first[j0]) * tiles_per_item[j0] * G * bb, gc * bb);
     float* tables = tscratch.get(G * tf);
     switch (b1) {
       case Batch1::kIdxBf16:
@@ -321,8 +325,7 @@ void batch1_pass(const std::vector<Batch1Job<T>>& jobs, const void* x, Batch1 b1
     }
     float* acc = ascratch.get(max_run * kTileRows);
     do {
-      j = 0;
-      while (item >= first[j + 1]) ++j;
+      const size_t j = job_of(item);
       const Problem& p = *jobs[j].p;
       const int64_t tile0 = (item - first[j]) * tiles_per_item[j], tile1 = std::min(p.tiles, tile0 + tiles_per_item[j]);
       std::fill(acc, acc + (tile1 - tile0) * kTileRows, 0.0f);
